@@ -1,0 +1,30 @@
+// Package rangestore keeps byte ranges of large remote objects on disk, in
+// fixed-size blocks, for a range cache.
+//
+// An object is addressed by a string key and has a fixed identity (length,
+// ETag, Last-Modified) pinned by its first write. Its bytes live in one sparse
+// data file; which blocks are present, and the CRC-32C of each, live in the
+// store's index. A block becomes visible to readers only once all its bytes
+// are written and its commit record is in the journal, so nothing partial is
+// ever read as present.
+//
+// On disk a store directory holds:
+//
+//	FORMAT          format version and block size, fixed for the directory
+//	LOCK            flock(2) held by the process that has the store open
+//	index           zstd-compressed snapshot of every object (atomic rename)
+//	journal-<seq>   append-only records since that snapshot (create, block, delete)
+//	data/xx/<gen>   one sparse file per object generation
+//
+// Opening replays the journal on top of the snapshot. Blocks committed after
+// the last snapshot are checked against their CRC-32C before they count as
+// present (their bytes may not have reached the disk before a crash); blocks
+// in a snapshot were fsynced before the snapshot was written. After a clean
+// Close the journal is empty and opening costs one snapshot read.
+//
+// The store keeps to a disk budget: MaxSize bytes of present blocks and
+// MinFree bytes free on the file system. Writes that would cross either evict
+// least-recently-used objects first. An object that a caller holds open is
+// never evicted; an invalidated object is unlinked when its last holder
+// closes it, so readers never see its bytes change.
+package rangestore

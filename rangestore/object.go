@@ -1,0 +1,336 @@
+package rangestore
+
+import (
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+)
+
+// Object is an open handle on one stored object version. Its identity never
+// changes; if the object is invalidated while open, the handle keeps reading
+// the old bytes and writes fail with ErrGone. Close it when done.
+type Object struct {
+	s      *Store
+	e      *entry
+	closed atomic.Bool
+}
+
+// Key returns the object's key.
+func (o *Object) Key() string { return o.e.key }
+
+// Meta returns the object's metadata. The caller must not modify its Header.
+func (o *Object) Meta() Meta { return o.e.meta }
+
+// Size returns the object's length in bytes.
+func (o *Object) Size() int64 { return o.e.meta.Length }
+
+// Blocks returns the number of blocks of the object.
+func (o *Object) Blocks() int { return o.e.nblocks }
+
+// Block returns the byte range of block i.
+func (o *Object) Block(i int) Span {
+	off := int64(i) << o.s.shift
+	return Span{off, o.s.blockLen(o.e.meta.Length, i)}
+}
+
+// BlockOf returns the index of the block holding byte off.
+func (o *Object) BlockOf(off int64) int { return int(off >> o.s.shift) }
+
+// HasBlock reports whether block i is present.
+func (o *Object) HasBlock(i int) bool { return o.e.has(i) }
+
+// Valid reports whether the object is still the stored version of its key
+// (not invalidated or evicted).
+func (o *Object) Valid() bool {
+	o.s.mu.Lock()
+	defer o.s.mu.Unlock()
+	return !o.e.deleted
+}
+
+// blocks returns the first and last block covering [off, off+n) clipped to
+// the object; ok is false when the clipped range is empty.
+func (o *Object) blocks(off, n int64) (first, last int, ok bool) {
+	end := min(off+n, o.e.meta.Length)
+	if off < 0 || off >= end {
+		return 0, 0, false
+	}
+	return int(off >> o.s.shift), int((end - 1) >> o.s.shift), true
+}
+
+// Present reports whether every byte of [off, off+n) within the object is in
+// present blocks.
+func (o *Object) Present(off, n int64) bool {
+	first, last, ok := o.blocks(off, n)
+	if !ok {
+		return true
+	}
+	for i := first; i <= last; i++ {
+		if !o.e.has(i) {
+			return false
+		}
+	}
+	return true
+}
+
+// Missing returns the block-aligned spans that are not present among the
+// blocks covering [off, off+n), coalescing neighbours. The last span of an
+// object may be short.
+func (o *Object) Missing(off, n int64) []Span {
+	first, last, ok := o.blocks(off, n)
+	if !ok {
+		return nil
+	}
+	var out []Span
+	for i := first; i <= last; i++ {
+		if o.e.has(i) {
+			continue
+		}
+		b := o.Block(i)
+		if k := len(out) - 1; k >= 0 && out[k].Off+out[k].Len == b.Off {
+			out[k].Len += b.Len
+		} else {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// ReadAt reads present bytes. It fails with ErrNotPresent, reading nothing,
+// when any block the read touches is missing, and returns io.EOF when the
+// read reaches past the end of the object.
+func (o *Object) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("rangestore: negative offset %d", off)
+	}
+	if off >= o.e.meta.Length {
+		if len(p) == 0 && off == o.e.meta.Length {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	want := min(int64(len(p)), o.e.meta.Length-off)
+	if !o.Present(off, want) {
+		return 0, ErrNotPresent
+	}
+	f, err := o.readFile()
+	if err != nil {
+		return 0, err
+	}
+	n, err := f.ReadAt(p[:want], off)
+	if err == nil && want < int64(len(p)) {
+		err = io.EOF
+	}
+	return n, err
+}
+
+func (o *Object) readFile() (*os.File, error) {
+	e := o.e
+	e.rmu.Lock()
+	defer e.rmu.Unlock()
+	if e.rfile == nil {
+		f, err := os.Open(o.s.dataPath(e.gen))
+		if err != nil {
+			return nil, fmt.Errorf("rangestore: %w", err)
+		}
+		e.rfile = f
+	}
+	return e.rfile, nil
+}
+
+// Open returns a new read-only descriptor of the object's data file, with
+// its own offset, for zero-copy serving (sendfile through io.Copy). Its
+// apparent size is the object's length. Only bytes of present blocks are
+// meaningful: check Present first. The caller closes it; it stays valid
+// after the object is invalidated.
+func (o *Object) Open() (*os.File, error) {
+	f, err := os.Open(o.s.dataPath(o.e.gen))
+	if err != nil {
+		return nil, fmt.Errorf("rangestore: %w", err)
+	}
+	return f, nil
+}
+
+// Close releases the handle. It is safe to call more than once.
+func (o *Object) Close() error {
+	if o.closed.Swap(true) {
+		return nil
+	}
+	o.s.release(o.e)
+	return nil
+}
+
+// WriteBlock starts writing block i. Only one writer may hold a block at a
+// time (ErrBlockBusy), a present block cannot be rewritten
+// (ErrBlockPresent), and the block's bytes are reserved against the disk
+// budget first, evicting least-recently-used objects if needed (ErrNoSpace
+// when that is not enough). The writer must be committed or aborted.
+func (o *Object) WriteBlock(i int) (*BlockWriter, error) {
+	s, e := o.s, o.e
+	if i < 0 || i >= e.nblocks {
+		return nil, fmt.Errorf("rangestore: block %d out of range [0, %d)", i, e.nblocks)
+	}
+	n := s.blockLen(e.meta.Length, i)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.closed:
+		return nil, ErrClosed
+	case e.deleted:
+		return nil, ErrGone
+	case e.has(i):
+		return nil, ErrBlockPresent
+	}
+	if _, busy := e.writing[i]; busy {
+		return nil, ErrBlockBusy
+	}
+	if err := s.reserve(n); err != nil {
+		return nil, err
+	}
+	path := s.dataPath(e.gen)
+	if !e.hasFile {
+		if err := createSparse(path, e.meta.Length); err != nil {
+			s.reserved -= n
+			return nil, err
+		}
+		e.hasFile = true
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		s.reserved -= n
+		return nil, fmt.Errorf("rangestore: %w", err)
+	}
+	if e.writing == nil {
+		e.writing = make(map[int]struct{})
+	}
+	e.writing[i] = struct{}{}
+	return &BlockWriter{o: o, i: i, off: int64(i) << s.shift, n: n, f: f}, nil
+}
+
+func createSparse(path string, length int64) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("rangestore: %w", noSpace(err))
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("rangestore: %w", noSpace(err))
+	}
+	err = f.Truncate(length)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("rangestore: %w", noSpace(err))
+	}
+	return nil
+}
+
+// BlockWriter streams the bytes of one block to disk. The block becomes
+// present only when Commit succeeds after exactly the block's length was
+// written. A BlockWriter is for one goroutine.
+type BlockWriter struct {
+	o       *Object
+	i       int
+	off, n  int64
+	f       *os.File
+	crc     uint32
+	written int64
+	done    bool
+}
+
+// Len returns the block's length.
+func (w *BlockWriter) Len() int64 { return w.n }
+
+// Written returns how many bytes have been written so far.
+func (w *BlockWriter) Written() int64 { return w.written }
+
+// Write appends p to the block. Writing past the block's length is an
+// error. A full disk returns an error wrapping ErrNoSpace, after evicting
+// enough least-recently-used data for the next attempt.
+func (w *BlockWriter) Write(p []byte) (int, error) {
+	if w.done {
+		return 0, fmt.Errorf("rangestore: write after commit or abort")
+	}
+	if int64(len(p)) > w.n-w.written {
+		return 0, fmt.Errorf("rangestore: %d bytes overflow block %d (%d of %d written)", len(p), w.i, w.written, w.n)
+	}
+	n, err := w.f.WriteAt(p, w.off+w.written)
+	w.crc = crc32.Update(w.crc, castagnoli, p[:n])
+	w.written += int64(n)
+	if err != nil {
+		err = noSpace(err)
+		if isNoSpace(err) {
+			w.o.s.mu.Lock()
+			w.o.s.evictBytes(w.n, w.o.e)
+			w.o.s.mu.Unlock()
+		}
+		return n, fmt.Errorf("rangestore: writing block %d: %w", w.i, err)
+	}
+	return n, nil
+}
+
+// Commit makes the block present. It fails, leaving the block missing, when
+// fewer than Len bytes were written or the object was invalidated meanwhile.
+func (w *BlockWriter) Commit() error {
+	if w.done {
+		return fmt.Errorf("rangestore: commit after commit or abort")
+	}
+	if w.written != w.n {
+		w.Abort()
+		return fmt.Errorf("%w: block %d has %d of %d bytes", ErrShortBlock, w.i, w.written, w.n)
+	}
+	w.done = true
+	w.f.Close()
+	s, e := w.o.s, w.o.e
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(e.writing, w.i)
+	s.reserved -= w.n
+	switch {
+	case s.closed:
+		return ErrClosed
+	case e.deleted:
+		return ErrGone
+	}
+	s.enc.b = s.enc.b[:0]
+	s.enc.byte(recBlock)
+	s.enc.uint(e.gen)
+	s.enc.uint(uint64(w.i))
+	s.enc.u32(w.crc)
+	if err := s.appendRecord(); err != nil {
+		return err
+	}
+	e.crc[w.i] = w.crc
+	e.set(w.i)
+	e.presentBytes += w.n
+	s.used += w.n
+	s.dirty[e.gen] = struct{}{}
+	return nil
+}
+
+// Abort gives the block up; it stays missing. Abort after Commit does
+// nothing.
+func (w *BlockWriter) Abort() {
+	if w.done {
+		return
+	}
+	w.done = true
+	if w.written > 0 {
+		// Give back the disk space of the partial block.
+		syscall.Fallocate(int(w.f.Fd()), fallocPunchHole|fallocKeepSize, w.off, w.written)
+	}
+	w.f.Close()
+	s, e := w.o.s, w.o.e
+	s.mu.Lock()
+	delete(e.writing, w.i)
+	s.reserved -= w.n
+	s.mu.Unlock()
+}
+
+const (
+	fallocKeepSize  = 0x1 // FALLOC_FL_KEEP_SIZE
+	fallocPunchHole = 0x2 // FALLOC_FL_PUNCH_HOLE
+)

@@ -1,0 +1,558 @@
+package rangestore
+
+import (
+	"container/list"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Block size limits and default.
+const (
+	MinBlockSize     = 64 << 10
+	MaxBlockSize     = 64 << 20
+	DefaultBlockSize = 1 << 20
+)
+
+// Errors the caller can recognise with errors.Is.
+var (
+	ErrNotFound         = errors.New("rangestore: object not found")
+	ErrIdentityMismatch = errors.New("rangestore: object identity differs from the stored version")
+	ErrBlockPresent     = errors.New("rangestore: block already present")
+	ErrBlockBusy        = errors.New("rangestore: block is being written by another writer")
+	ErrNotPresent       = errors.New("rangestore: range not present")
+	ErrNoSpace          = errors.New("rangestore: no space left within the disk budget")
+	ErrGone             = errors.New("rangestore: object was invalidated")
+	ErrShortBlock       = errors.New("rangestore: block not completely written")
+	ErrClosed           = errors.New("rangestore: store closed")
+)
+
+// Options configure a Store. The zero value is usable.
+type Options struct {
+	// BlockSize is the size of a block: a power of two between 64 KiB and
+	// 64 MiB, fixed for a directory once written. Default: 1 MiB.
+	BlockSize int64
+
+	// MaxSize caps the bytes of present blocks. Zero means no cap.
+	MaxSize int64
+
+	// MinFree is the free space to keep on the file system. Zero means none.
+	MinFree int64
+
+	// SnapshotInterval is how often the index is snapshotted (and the
+	// journal truncated) while anything changed. Default: 1 minute.
+	SnapshotInterval time.Duration
+}
+
+// Meta describes one version of an object. Length, ETag and LastModified
+// are its identity; the rest is replayed to clients.
+type Meta struct {
+	Length       int64
+	ETag         string
+	LastModified string
+	ContentType  string
+	// Header holds further response headers to replay, keyed by canonical
+	// name (the same shape as net/http's Header).
+	Header map[string][]string
+}
+
+// SameIdentity reports whether m and o describe the same version: equal
+// lengths and equal ETags, and, when there is no ETag to compare, equal
+// Last-Modified dates.
+func (m Meta) SameIdentity(o Meta) bool {
+	if m.Length != o.Length || m.ETag != o.ETag {
+		return false
+	}
+	return m.ETag != "" || m.LastModified == o.LastModified
+}
+
+// Span is a byte range [Off, Off+Len) of an object.
+type Span struct {
+	Off, Len int64
+}
+
+// ObjectInfo is one line of List.
+type ObjectInfo struct {
+	Key          string
+	Size         int64
+	BytesPresent int64
+	LastAccess   time.Time
+}
+
+// Stats are the store's totals.
+type Stats struct {
+	Objects      int
+	BytesPresent int64 // bytes of present blocks, plus those of invalidated objects still open
+	BytesWriting int64 // bytes reserved by blocks being written
+	MaxSize      int64
+	MinFree      int64
+	BlockSize    int64
+	Evictions    int64 // objects evicted to keep to the budget since Open
+}
+
+// Store is an open store directory. It is safe for concurrent use.
+type Store struct {
+	dir       string
+	blockSize int64
+	shift     uint
+	opts      Options
+	lock      *os.File
+
+	// snapMu serialises snapshots.
+	snapMu sync.Mutex
+
+	mu        sync.Mutex
+	objects   map[string]*entry
+	lru       list.List // of *entry, most recently used at the front
+	nextGen   uint64
+	used      int64
+	reserved  int64
+	evictions int64
+	journal   *os.File
+	seq       uint64
+	changes   int                 // journal records since the last snapshot
+	dirty     map[uint64]struct{} // generations written since the last snapshot
+	closed    bool
+	enc       encoder
+
+	kick chan struct{}
+	stop chan struct{}
+	done chan struct{}
+}
+
+// entry is the in-memory state of one object generation.
+type entry struct {
+	key     string
+	gen     uint64
+	meta    Meta
+	nblocks int
+	present []atomic.Uint64 // bitmap, read without locks
+
+	// Guarded by Store.mu.
+	crc          []uint32
+	writing      map[int]struct{}
+	presentBytes int64
+	refs         int
+	deleted      bool
+	hasFile      bool
+	lastAccess   int64 // unix nanoseconds
+	elem         *list.Element
+
+	rmu   sync.Mutex
+	rfile *os.File // shared read-only descriptor for ReadAt while refs > 0
+}
+
+func (e *entry) has(i int) bool { return e.present[i>>6].Load()&(1<<(i&63)) != 0 }
+func (e *entry) set(i int)      { e.present[i>>6].Or(1 << (i & 63)) }
+func (e *entry) clear(i int)    { e.present[i>>6].And(^uint64(1 << (i & 63))) }
+
+// Open opens the store in dir, creating it if needed. Blocks written after
+// the last snapshot are verified against their checksums first.
+func Open(dir string, opts Options) (*Store, error) {
+	if opts.BlockSize == 0 {
+		opts.BlockSize = DefaultBlockSize
+	}
+	if opts.BlockSize < MinBlockSize || opts.BlockSize > MaxBlockSize || bits.OnesCount64(uint64(opts.BlockSize)) != 1 {
+		return nil, fmt.Errorf("rangestore: block size %d is not a power of two between %d and %d", opts.BlockSize, MinBlockSize, MaxBlockSize)
+	}
+	if opts.MaxSize < 0 || opts.MinFree < 0 {
+		return nil, fmt.Errorf("rangestore: negative MaxSize or MinFree")
+	}
+	if opts.SnapshotInterval <= 0 {
+		opts.SnapshotInterval = time.Minute
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "data"), 0o755); err != nil {
+		return nil, fmt.Errorf("rangestore: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("rangestore: %w", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("rangestore: %s is in use by another process: %w", dir, err)
+	}
+	s := &Store{
+		dir:       dir,
+		blockSize: opts.BlockSize,
+		shift:     uint(bits.TrailingZeros64(uint64(opts.BlockSize))),
+		opts:      opts,
+		lock:      lock,
+		objects:   make(map[string]*entry),
+		dirty:     make(map[uint64]struct{}),
+		kick:      make(chan struct{}, 1),
+		stop:      make(chan struct{}),
+		done:      make(chan struct{}),
+	}
+	if err := s.checkFormat(); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	if err := s.recover(); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	go s.snapshotLoop()
+	return s, nil
+}
+
+// CheckFormat reports whether dir can be opened with blockSize, without
+// opening or locking it: nil when dir holds no store yet or one with that
+// block size. It lets a configuration be validated while another process has
+// the store open.
+func CheckFormat(dir string, blockSize int64) error {
+	if blockSize == 0 {
+		blockSize = DefaultBlockSize
+	}
+	got, err := readFormat(dir)
+	if err != nil || got == 0 {
+		return err
+	}
+	if got != blockSize {
+		return blockSizeError(dir, got, blockSize)
+	}
+	return nil
+}
+
+const formatPrefix = "rangestore 1 block_size="
+
+func readFormat(dir string) (int64, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "FORMAT"))
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("rangestore: %w", err)
+	}
+	s, ok := strings.CutPrefix(strings.TrimSpace(string(b)), formatPrefix)
+	n, err := strconv.ParseInt(s, 10, 64)
+	if !ok || err != nil {
+		return 0, fmt.Errorf("rangestore: %s/FORMAT is not a rangestore format line: %q", dir, b)
+	}
+	return n, nil
+}
+
+func blockSizeError(dir string, have, want int64) error {
+	return fmt.Errorf("rangestore: %s was created with block size %d, cannot open it with block size %d (use the old size or another directory)", dir, have, want)
+}
+
+func (s *Store) checkFormat() error {
+	got, err := readFormat(s.dir)
+	if err != nil {
+		return err
+	}
+	if got == 0 {
+		return writeFileAtomic(filepath.Join(s.dir, "FORMAT"), fmt.Appendf(nil, "%s%d\n", formatPrefix, s.blockSize))
+	}
+	if got != s.blockSize {
+		return blockSizeError(s.dir, got, s.blockSize)
+	}
+	return nil
+}
+
+// BlockSize returns the store's block size.
+func (s *Store) BlockSize() int64 { return s.blockSize }
+
+// Dir returns the store's absolute directory.
+func (s *Store) Dir() string { return s.dir }
+
+func (s *Store) newEntry(key string, gen uint64, m Meta) *entry {
+	n := int((m.Length + s.blockSize - 1) >> s.shift)
+	return &entry{
+		key:     key,
+		gen:     gen,
+		meta:    m,
+		nblocks: n,
+		present: make([]atomic.Uint64, (n+63)/64),
+		crc:     make([]uint32, n),
+	}
+}
+
+func (s *Store) dataPath(gen uint64) string {
+	return filepath.Join(s.dir, "data", fmt.Sprintf("%02x", gen&0xff), strconv.FormatUint(gen, 16))
+}
+
+// blockLen is the length of block i of an object of the given length.
+func (s *Store) blockLen(length int64, i int) int64 {
+	off := int64(i) << s.shift
+	return min(s.blockSize, length-off)
+}
+
+// Get opens the stored object key for reading or writing, and marks it
+// recently used. The caller must Close it.
+func (s *Store) Get(key string) (*Object, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	e := s.objects[key]
+	if e == nil {
+		return nil, ErrNotFound
+	}
+	return s.ref(e), nil
+}
+
+// Create opens the object key, creating it with meta if it does not exist.
+// If it exists with another identity (see Meta.SameIdentity), Create returns
+// an error wrapping ErrIdentityMismatch; the caller may Invalidate the key
+// and create it again. The caller must Close the object.
+func (s *Store) Create(key string, meta Meta) (*Object, error) {
+	if meta.Length < 0 {
+		return nil, fmt.Errorf("rangestore: negative length %d", meta.Length)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	if e := s.objects[key]; e != nil {
+		if !e.meta.SameIdentity(meta) {
+			return nil, fmt.Errorf("%w: %q stored as length %d etag %q last-modified %q, now length %d etag %q last-modified %q",
+				ErrIdentityMismatch, key, e.meta.Length, e.meta.ETag, e.meta.LastModified, meta.Length, meta.ETag, meta.LastModified)
+		}
+		return s.ref(e), nil
+	}
+	s.nextGen++
+	e := s.newEntry(key, s.nextGen, cloneMeta(meta))
+	s.enc.b = s.enc.b[:0]
+	s.enc.byte(recCreate)
+	s.enc.uint(e.gen)
+	s.enc.string(key)
+	s.enc.meta(&e.meta)
+	s.enc.int(0)
+	if err := s.appendRecord(); err != nil {
+		return nil, err
+	}
+	s.objects[key] = e
+	e.elem = s.lru.PushFront(e)
+	return s.ref(e), nil
+}
+
+func cloneMeta(m Meta) Meta {
+	if m.Header != nil {
+		h := make(map[string][]string, len(m.Header))
+		for k, v := range m.Header {
+			h[k] = append([]string(nil), v...)
+		}
+		m.Header = h
+	}
+	return m
+}
+
+// ref takes a reference to e for a new Object handle. s.mu must be held.
+func (s *Store) ref(e *entry) *Object {
+	e.refs++
+	s.touch(e)
+	return &Object{s: s, e: e}
+}
+
+func (s *Store) touch(e *entry) {
+	e.lastAccess = time.Now().UnixNano()
+	if e.elem != nil {
+		s.lru.MoveToFront(e.elem)
+	}
+}
+
+// release drops a reference; the last one closes the shared descriptor and
+// unlinks the data of an invalidated object.
+func (s *Store) release(e *entry) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e.refs--
+	if e.refs > 0 {
+		return
+	}
+	s.touch(e)
+	e.rmu.Lock()
+	if e.rfile != nil {
+		e.rfile.Close()
+		e.rfile = nil
+	}
+	e.rmu.Unlock()
+	if e.deleted {
+		s.unlink(e)
+	}
+}
+
+// appendRecord frames s.enc.b into the journal. s.mu must be held.
+func (s *Store) appendRecord() error {
+	if _, err := s.journal.Write(frame(nil, s.enc.b)); err != nil {
+		return fmt.Errorf("rangestore: journal: %w", noSpace(err))
+	}
+	s.changes++
+	if s.changes == snapshotRecords {
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+	}
+	return nil
+}
+
+// snapshotRecords is how many journal records trigger a snapshot before the
+// interval is up, bounding both the journal and the blocks to verify after a
+// crash (at most this many blocks).
+const snapshotRecords = 4096
+
+// remove takes e out of the index and journals its deletion; its data goes
+// when its last reader closes it. s.mu must be held.
+func (s *Store) remove(e *entry) {
+	if e.deleted {
+		return
+	}
+	e.deleted = true
+	delete(s.objects, e.key)
+	s.lru.Remove(e.elem)
+	e.elem = nil
+	s.enc.b = s.enc.b[:0]
+	s.enc.byte(recDelete)
+	s.enc.uint(e.gen)
+	// A lost delete record is harmless: Open drops entries whose data file
+	// is gone.
+	_ = s.appendRecord()
+	if e.refs == 0 {
+		s.unlink(e)
+	}
+}
+
+func (s *Store) unlink(e *entry) {
+	if e.hasFile {
+		os.Remove(s.dataPath(e.gen))
+		e.hasFile = false
+	}
+	s.used -= e.presentBytes
+	e.presentBytes = 0
+	delete(s.dirty, e.gen)
+}
+
+// Invalidate removes the object key; it reports whether there was one.
+// Holders of the object keep reading the old bytes until they close it.
+func (s *Store) Invalidate(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.objects[key]
+	if e == nil {
+		return false
+	}
+	s.remove(e)
+	return true
+}
+
+// Purge invalidates every object whose key starts with prefix and returns
+// how many there were.
+func (s *Store) Purge(prefix string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for k, e := range s.objects {
+		if strings.HasPrefix(k, prefix) {
+			s.remove(e)
+			n++
+		}
+	}
+	return n
+}
+
+// List returns every object, sorted by key.
+func (s *Store) List() []ObjectInfo {
+	s.mu.Lock()
+	out := make([]ObjectInfo, 0, len(s.objects))
+	for _, e := range s.objects {
+		out = append(out, ObjectInfo{Key: e.key, Size: e.meta.Length, BytesPresent: e.presentBytes, LastAccess: time.Unix(0, e.lastAccess)})
+	}
+	s.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out
+}
+
+// Stats returns the store's totals.
+func (s *Store) Stats() Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return Stats{
+		Objects:      len(s.objects),
+		BytesPresent: s.used,
+		BytesWriting: s.reserved,
+		MaxSize:      s.opts.MaxSize,
+		MinFree:      s.opts.MinFree,
+		BlockSize:    s.blockSize,
+		Evictions:    s.evictions,
+	}
+}
+
+// Close writes a final snapshot and releases the directory. Objects still
+// open stay readable; writes to them fail.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	s.mu.Unlock()
+	close(s.stop)
+	<-s.done
+	err := s.snapshot()
+	s.mu.Lock()
+	s.closed = true
+	jerr := s.journal.Close()
+	s.mu.Unlock()
+	s.lock.Close()
+	return errors.Join(err, jerr)
+}
+
+// noSpace marks ENOSPC and EDQUOT so callers can test for ErrNoSpace.
+func noSpace(err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%w: %w", ErrNoSpace, err)
+	}
+	return err
+}
+
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("rangestore: %w", err)
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("rangestore: writing %s: %w", path, noSpace(err))
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
