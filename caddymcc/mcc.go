@@ -1,0 +1,251 @@
+// Package caddymcc is a Caddy HTTP handler that caches Device Update content
+// for devices behind a gateway, the way Microsoft Connected Cache does, on
+// an on-disk block store (package rangestore).
+package caddymcc
+
+import (
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcc/caddy-mcc/rangestore"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler serves cached byte ranges of Device Update content (and other
+// allowed origins) from disk, and fills what is missing through the next
+// handler, which is meant to be `reverse_proxy` to the origin or to a parent
+// gateway.
+//
+// Requests name their origin in the `cacheHostOrigin` query parameter
+// (`GET /path?cacheHostOrigin=host`), or, without it, in the Host header
+// when that host is an allowed origin. Other origins are refused with 403,
+// methods other than GET and HEAD with 405; neither reaches the next
+// handler.
+//
+// Misses are fetched as block-aligned ranges, collapsed across clients,
+// streamed to every waiting client as bytes arrive, and checked against the
+// object's pinned length, ETag and Last-Modified before they are stored.
+// Upstream failures answer 502 or 504, never a 4xx.
+//
+// Before calling the next handler, the handler sets these placeholders:
+//
+// Placeholder | Description
+// ------------|-------------
+// `{http.mcc.origin_host}` | the origin host, lower case
+// `{http.mcc.origin_uri}` | path and query of the request without `cacheHostOrigin`
+//
+// Every response carries an RFC 9211 `Cache-Status` header.
+type Handler struct {
+	// Dir is the store directory. Default: the `mcc` folder in Caddy's
+	// data directory.
+	Dir string `json:"dir,omitempty"`
+
+	// MaxSize is the most bytes of cached blocks to keep; the least
+	// recently used objects are evicted beyond it. Default: 0, no cap
+	// other than MinFree.
+	MaxSize int64 `json:"max_size,omitempty"`
+
+	// MinFree is the free space to leave on the store's file system.
+	// Default: 1GiB.
+	MinFree *int64 `json:"min_free,omitempty"`
+
+	// BlockSize is the unit of storage and of upstream range requests: a
+	// power of two from 64KiB to 64MiB. It is fixed for a directory once
+	// used. Default: 1MiB.
+	BlockSize int64 `json:"block_size,omitempty"`
+
+	// Origins are the origin hosts served: exact host names, or
+	// `*.suffix` for any host under suffix. A configured list replaces
+	// the default, which is the Device Update content hosts
+	// (`*.tlu.dl.adu.microsoft.com`, `*.nlu.dl.adu.microsoft.com`,
+	// `*.dcsfe.prod.adu.microsoft.com`) and
+	// `au.download.windowsupdate.com` (Microsoft's cache smoke test).
+	Origins []string `json:"origins,omitempty"`
+
+	// ReadAhead is how far beyond the block a client is reading the cache
+	// keeps fetching, within the range the client asked for; one upstream
+	// request covers up to this much. Larger values make a cold
+	// download through the cache nearly as fast as a direct one over a
+	// slow round trip. Default: 16MiB.
+	ReadAhead int64 `json:"read_ahead,omitempty"`
+
+	// FillTimeout abandons a fill whose upstream sends nothing for this
+	// long. Default: 30s.
+	FillTimeout caddy.Duration `json:"fill_timeout,omitempty"`
+
+	// Name identifies this cache in Cache-Status headers. Default:
+	// `caddy-mcc`.
+	Name string `json:"name,omitempty"`
+
+	origins     []originPattern
+	raBlocks    int
+	fillTimeout time.Duration
+	cache       *cache
+	dir         string
+	logger      *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.mcc",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Default sizes.
+const (
+	defaultMinFree   = 1 << 30
+	defaultReadAhead = 16 << 20
+	defaultFillIdle  = 30 * time.Second
+)
+
+// Provision sets defaults and opens (or shares) the store.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.BlockSize == 0 {
+		h.BlockSize = rangestore.DefaultBlockSize
+	}
+	if h.ReadAhead == 0 {
+		h.ReadAhead = defaultReadAhead
+	}
+	h.raBlocks = int(max(1, h.ReadAhead/h.BlockSize))
+	h.fillTimeout = time.Duration(h.FillTimeout)
+	if h.fillTimeout == 0 {
+		h.fillTimeout = defaultFillIdle
+	}
+	if h.Name == "" {
+		h.Name = "caddy-mcc"
+	}
+	origins := h.Origins
+	if len(origins) == 0 {
+		origins = DefaultOrigins
+	}
+	h.origins = h.origins[:0]
+	for _, o := range origins {
+		p, err := parseOriginPattern(o)
+		if err != nil {
+			return err
+		}
+		h.origins = append(h.origins, p)
+	}
+	minFree := int64(defaultMinFree)
+	if h.MinFree != nil {
+		minFree = *h.MinFree
+	}
+	dir := h.Dir
+	if dir == "" {
+		dir = filepath.Join(caddy.AppDataDir(), "mcc")
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	c, err := loadCache(dir, rangestore.Options{BlockSize: h.BlockSize, MaxSize: h.MaxSize, MinFree: minFree}, h.logger)
+	if err != nil {
+		return fmt.Errorf("mcc: %w", err)
+	}
+	h.cache, h.dir = c, dir
+	return nil
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	if h.MaxSize < 0 || h.MinFree != nil && *h.MinFree < 0 || h.ReadAhead < 0 || h.FillTimeout < 0 {
+		return fmt.Errorf("mcc: sizes and timeouts must not be negative")
+	}
+	if !validToken(h.Name) {
+		return fmt.Errorf("mcc: name %q is not an HTTP token", h.Name)
+	}
+	return nil
+}
+
+// Cleanup releases this config's use of the store; the store closes when no
+// config uses it any more.
+func (h *Handler) Cleanup() error {
+	if h.cache != nil {
+		_, err := caches.Delete(h.dir)
+		return err
+	}
+	return nil
+}
+
+// ServeHTTP implements caddyhttp.MiddlewareHandler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		return h.refuse(w, http.StatusMethodNotAllowed, "method "+r.Method+" is not served by the cache")
+	}
+	req, err := classify(r, h.origins)
+	if err != nil {
+		return h.refuse(w, http.StatusForbidden, err.Error())
+	}
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		setPlaceholders(repl, req)
+	}
+	// The Linux Delivery Optimization agent resends its whole header list
+	// on every resume, so the k-th resume carries k Range lines, oldest
+	// first: the last one is meant.
+	if v := r.Header.Values("Range"); len(v) > 1 {
+		r.Header["Range"] = v[len(v)-1:]
+	}
+	store, err := h.cache.wait(r.Context())
+	if err != nil && r.Context().Err() != nil {
+		return err
+	}
+	if store == nil {
+		// The store could not be opened (logged at start): still serve,
+		// without caching.
+		w.Header().Set("Cache-Status", h.Name+"; fwd=bypass; detail=store-unavailable")
+		return next.ServeHTTP(w, r)
+	}
+	return h.serve(w, r, next, req, h.cache, store)
+}
+
+func setPlaceholders(repl *caddy.Replacer, req request) {
+	repl.Set("http.mcc.origin_host", req.origin)
+	repl.Set("http.mcc.origin_uri", req.uri)
+}
+
+// refuse answers a request the cache does not serve, with a short reason.
+func (h *Handler) refuse(w http.ResponseWriter, status int, reason string) error {
+	hdr := w.Header()
+	hdr.Set("Content-Type", "text/plain; charset=utf-8")
+	hdr.Set("X-Content-Type-Options", "nosniff")
+	hdr.Set("Cache-Status", h.Name+"; fwd=bypass")
+	w.WriteHeader(status)
+	_, err := fmt.Fprintf(w, "caddy-mcc: %s\n", reason)
+	return err
+}
+
+// validToken reports whether s is an RFC 9110 token (a Cache-Status cache
+// name).
+func validToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c >= 0x7f || c == '"' || c == ',' || c == ';' || c == '=' || c == '(' || c == ')' || c == '/' || c == ':' || c == '<' || c == '>' || c == '?' || c == '@' || c == '[' || c == ']' || c == '\\' || c == '{' || c == '}' {
+			return false
+		}
+	}
+	return true
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,348 @@
+package caddymcc
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcc/caddy-mcc/rangestore"
+)
+
+// serve answers an allowed request from the store, filling what is missing.
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store) error {
+	for attempt := 0; ; attempt++ {
+		obj, err := store.Get(req.key)
+		learned := false
+		if errors.Is(err, rangestore.ErrNotFound) {
+			obj, err = h.learn(r, next, req, c, store)
+			learned = true
+		}
+		if err != nil {
+			return h.upstreamError(w, r, err)
+		}
+		sent, err := h.respond(w, r, next, req, c, obj, learned)
+		obj.Close()
+		switch {
+		case err == nil:
+			return nil
+		case !sent && attempt == 0 && errors.Is(err, errIdentityChanged):
+			// The object changed upstream before anything was sent:
+			// start over on the new version.
+			continue
+		case !sent:
+			return h.upstreamError(w, r, err)
+		}
+		// Headers and perhaps bytes are out: the only honest end is to cut
+		// the connection, so the client sees a failed transfer rather than
+		// a short or mixed body.
+		if r.Context().Err() == nil {
+			h.logger.Warn("aborting response after upstream failure", zap.String("key", req.key), zap.Error(err))
+		}
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// learn fetches the first wanted block of an object that is not stored
+// yet, to learn its length and validators, and returns the stored object.
+// Clients arriving meanwhile join the same fetch.
+func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store) (*rangestore.Object, error) {
+	first := int(firstByteWanted(r.Header.Get("Range")) / c.blockSize)
+	last := first + h.raBlocks - 1
+	if r.Method == http.MethodHead {
+		last = first
+	}
+	c.mu.Lock()
+	f := c.learning[req.key]
+	if f == nil {
+		f = c.startFill(h, r, next, req, nil, first, last)
+		c.learning[req.key] = f
+	}
+	c.mu.Unlock()
+	obj, err := f.headers(r.Context())
+	if err != nil || obj != nil {
+		return obj, err
+	}
+	// The fill is over and stored the object: read the stored version.
+	return store.Get(req.key)
+}
+
+// firstByteWanted returns the first byte offset of a Range header's first
+// range, or 0 when that needs the length (a suffix range) or there is none.
+func firstByteWanted(s string) int64 {
+	ranges, err := parseRange(s, 1<<62)
+	if err != nil || len(ranges) == 0 || ranges[0].start >= 1<<62-1<<40 {
+		return 0
+	}
+	return ranges[0].start
+}
+
+// respond answers r from obj, fetching missing blocks. sent reports whether
+// the status line went out, after which an error can only abort. learned
+// says the object was not stored when the request came.
+func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, learned bool) (sent bool, err error) {
+	meta := obj.Meta()
+	size := meta.Length
+	hdr := w.Header()
+	setEntityHeaders(hdr, meta)
+	modtime := parseHTTPDate(meta.LastModified)
+
+	if code := checkPreconditions(r, meta.ETag, modtime); code != 0 {
+		hdr.Set("Cache-Status", h.Name+"; hit")
+		writeConditional(w, code)
+		return true, nil
+	}
+	rangeHeader := r.Header.Get("Range")
+	if rangeHeader != "" && !ifRangeMatches(r, meta.ETag, modtime) {
+		rangeHeader = ""
+	}
+	ranges, err := parseRange(rangeHeader, size)
+	if err != nil {
+		hdr.Set("Cache-Status", h.Name+"; hit")
+		if err == errNoOverlap {
+			hdr.Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
+		}
+		hdr.Del("Content-Type")
+		hdr.Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusRequestedRangeNotSatisfiable)
+		io.WriteString(w, err.Error()+"\n")
+		return true, nil
+	}
+	if sumRangesSize(ranges) > size {
+		// As net/http: a request for more bytes than the object is
+		// answered with the whole object.
+		ranges = nil
+	}
+	whole := ranges == nil
+	if whole {
+		ranges = []httpRange{{0, size}}
+	}
+
+	present, some := true, false
+	for _, rg := range ranges {
+		if rg.length == 0 {
+			continue
+		}
+		for b := obj.BlockOf(rg.start); b <= obj.BlockOf(rg.start+rg.length-1); b++ {
+			has := obj.HasBlock(b)
+			present = present && has
+			some = some || has
+		}
+	}
+	if present {
+		hdr.Set("Cache-Status", h.Name+"; hit")
+		return true, serveFile(w, r, obj, modtime)
+	}
+	status := h.Name + "; fwd=miss"
+	if some && !learned {
+		status = h.Name + "; fwd=partial"
+	}
+	hdr.Set("Cache-Status", status)
+
+	if len(ranges) > 1 {
+		// Multipart answers are rare (no update client sends them): fetch
+		// every missing block, then let net/http compose the parts.
+		for _, rg := range ranges {
+			if err := h.fetch(r, next, req, c, obj, rg); err != nil {
+				return false, err
+			}
+		}
+		return true, serveFile(w, r, obj, modtime)
+	}
+
+	rg := ranges[0]
+	// Wait for the first wanted byte before the status line, so an
+	// upstream that is down or refuses still gets an honest status.
+	if rg.length > 0 && r.Method != http.MethodHead {
+		if f := c.claim(h, r, next, req, obj, obj.BlockOf(rg.start), obj.BlockOf(rg.start+rg.length-1)); f != nil {
+			if _, err := f.await(r.Context(), rg.start); err != nil {
+				return false, err
+			}
+		}
+	}
+	hdr.Set("Accept-Ranges", "bytes")
+	hdr.Set("Content-Length", strconv.FormatInt(rg.length, 10))
+	code := http.StatusOK
+	if !whole {
+		code = http.StatusPartialContent
+		hdr.Set("Content-Range", rg.contentRange(size))
+	}
+	w.WriteHeader(code)
+	if r.Method == http.MethodHead || rg.length == 0 {
+		return true, nil
+	}
+	return true, h.stream(w, r, next, req, c, obj, rg)
+}
+
+// stream sends the bytes of rg, from present blocks and from fills as they
+// land on disk, fetching ahead of the client.
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, rg httpRange) error {
+	file, err := obj.Open()
+	if err != nil {
+		return err
+	}
+	defer file.Close()
+	pos, end := rg.start, rg.start+rg.length
+	last := obj.BlockOf(end - 1)
+	for pos < end {
+		b := obj.BlockOf(pos)
+		f := c.claim(h, r, next, req, obj, b, last)
+		if f == nil {
+			// Present: send the run of present blocks in one go.
+			e := b
+			for e < last && obj.HasBlock(e+1) {
+				e++
+			}
+			blk := obj.Block(e)
+			n := min(end, blk.Off+blk.Len) - pos
+			if err := sendFile(w, file, pos, n); err != nil {
+				return err
+			}
+			pos += n
+			continue
+		}
+		blk := obj.Block(b)
+		segEnd := min(end, blk.Off+blk.Len)
+		for pos < segEnd {
+			avail, err := f.await(r.Context(), pos)
+			if err != nil {
+				return err
+			}
+			n := min(avail, segEnd) - pos
+			if err := sendFile(w, file, pos, n); err != nil {
+				return err
+			}
+			pos += n
+		}
+	}
+	return nil
+}
+
+// fetch makes every block of rg present, waiting for the fills.
+func (h *Handler) fetch(r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, rg httpRange) error {
+	if rg.length == 0 {
+		return nil
+	}
+	last := obj.BlockOf(rg.start + rg.length - 1)
+	for b := obj.BlockOf(rg.start); b <= last; {
+		f := c.claim(h, r, next, req, obj, b, last)
+		if f == nil {
+			b++
+			continue
+		}
+		blk := obj.Block(b)
+		if _, err := f.await(r.Context(), blk.Off+blk.Len-1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// claim returns the fill that owns block b of obj, or nil when b is
+// present. It first makes sure the blocks from b on, up to ReadAhead and
+// not past block last, are present or being fetched, starting one fill for
+// the first run of missing, unclaimed blocks.
+func (c *cache) claim(h *Handler, r *http.Request, next caddyhttp.Handler, req request, obj *rangestore.Object, b, last int) *fill {
+	id := obj.ID()
+	free := func(k int) bool { return c.fills[blockKey{id, k}] == nil && !obj.HasBlock(k) }
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	windowEnd := min(b+h.raBlocks-1, last)
+	for s := b; s <= windowEnd; s++ {
+		if !free(s) {
+			continue
+		}
+		e := s
+		for e < min(s+h.raBlocks-1, last) && free(e+1) {
+			e++
+		}
+		f := c.startFill(h, r, next, req, obj, s, e)
+		for k := s; k <= e; k++ {
+			c.fills[blockKey{id, k}] = f
+		}
+		break
+	}
+	return c.fills[blockKey{id, b}]
+}
+
+// sendFile copies n bytes at off of file to w; through an *os.File and
+// io.CopyN this reaches sendfile(2) on a plain TCP connection.
+func sendFile(w io.Writer, file io.ReadSeeker, off, n int64) error {
+	if _, err := file.Seek(off, io.SeekStart); err != nil {
+		return err
+	}
+	_, err := io.CopyN(w, file, n)
+	return err
+}
+
+// serveFile answers a request whose ranges are all present, with net/http's
+// ServeContent (ranges, multipart, If-Range, HEAD) over the data file.
+func serveFile(w http.ResponseWriter, r *http.Request, obj *rangestore.Object, modtime time.Time) error {
+	file, err := obj.Open()
+	if err != nil {
+		return err
+	}
+	defer file.Close()
+	http.ServeContent(w, r, "", modtime, file)
+	return nil
+}
+
+// setEntityHeaders sets the stored object's validators and replayed headers.
+func setEntityHeaders(hdr http.Header, m rangestore.Meta) {
+	for k, v := range m.Header {
+		hdr[k] = v
+	}
+	if m.ETag != "" {
+		hdr.Set("Etag", m.ETag)
+	}
+	if m.LastModified != "" {
+		hdr.Set("Last-Modified", m.LastModified)
+	}
+	if m.ContentType != "" {
+		hdr.Set("Content-Type", m.ContentType)
+	} else {
+		// Present but empty: no sniffed type, neither from ServeContent
+		// nor from net/http, where the origin gave none.
+		hdr["Content-Type"] = nil
+	}
+}
+
+// upstreamError answers a request that failed before anything was sent.
+// Upstream failures are 502 or 504, never 4xx: Delivery Optimization agents
+// take a 4xx as "origin not served here" and stop asking for 15 minutes.
+func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) error {
+	if r.Context().Err() != nil {
+		return err // the client left; nobody reads the answer
+	}
+	var pass *upstreamResponse
+	if errors.As(err, &pass) {
+		hdr := w.Header()
+		for k := range hdr {
+			delete(hdr, k)
+		}
+		for k, v := range pass.header {
+			hdr[k] = v
+		}
+		hdr.Set("Cache-Status", h.Name+"; fwd=miss; fwd-status="+strconv.Itoa(pass.status))
+		hdr.Set("Content-Length", strconv.Itoa(len(pass.body)))
+		w.WriteHeader(pass.status)
+		if r.Method != http.MethodHead {
+			w.Write(pass.body)
+		}
+		return nil
+	}
+	w.Header().Set("Cache-Status", h.Name+"; fwd=miss; detail=upstream-error")
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode >= 500 {
+		return err
+	}
+	if errors.Is(err, errFillIdle) || errors.Is(err, context.DeadlineExceeded) {
+		return caddyhttp.Error(http.StatusGatewayTimeout, err)
+	}
+	return caddyhttp.Error(http.StatusBadGateway, err)
+}
