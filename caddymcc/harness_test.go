@@ -157,15 +157,15 @@ const gatewayConfig = `{
 		level ERROR
 	}
 }
-http://127.0.0.1:{{port}} {
+http://:{{port}} {
+	bind 127.0.0.1
 	mcc {
 		dir {{dir}}/store
 		block_size 64KiB
 		read_ahead 256KiB
 		min_free 0
 		origins origin.test *.cdn.test
-		fill_timeout 5s
-{{extra}}
+		fill_timeout 5s{{extra}}
 	}
 	reverse_proxy {{origin}} {
 		rewrite {http.mcc.origin_uri}
@@ -191,7 +191,7 @@ func startGateway(t *testing.T, o *testOrigin, extra string) *gateway {
 }
 
 func (g *gateway) config(o *testOrigin, port int, extra string) []byte {
-	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", extra)
+	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "\n\t\t"+extra)
 	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(gatewayConfig)), map[string]any{"filename": "Caddyfile"})
 	if err != nil {
 		g.t.Fatalf("adapting Caddyfile: %v", err)
