@@ -472,4 +472,3 @@ func TestRefusalsNeverReachUpstream(t *testing.T) {
 		}
 	}
 }
-
