@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"time"
 
@@ -134,19 +135,20 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 			some = some || has
 		}
 	}
-	if present {
-		hdr.Set("Cache-Status", h.Name+"; hit")
-		return true, serveFile(w, r, obj, modtime)
-	}
-	status := h.Name + "; fwd=miss"
-	if some && !learned {
+	status := h.Name + "; hit"
+	switch {
+	case present:
+	case some && !learned:
 		status = h.Name + "; fwd=partial"
+	default:
+		status = h.Name + "; fwd=miss"
 	}
 	hdr.Set("Cache-Status", status)
 
 	if len(ranges) > 1 {
 		// Multipart answers are rare (no update client sends them): fetch
-		// every missing block, then let net/http compose the parts.
+		// every missing block, then let net/http compose the parts (not
+		// through sendfile).
 		for _, rg := range ranges {
 			if err := h.fetch(r, next, req, c, obj, rg); err != nil {
 				return false, err
@@ -158,7 +160,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	rg := ranges[0]
 	// Wait for the first wanted byte before the status line, so an
 	// upstream that is down or refuses still gets an honest status.
-	if rg.length > 0 && r.Method != http.MethodHead {
+	if !present && rg.length > 0 && r.Method != http.MethodHead {
 		if f := c.claim(h, r, next, req, obj, obj.BlockOf(rg.start), obj.BlockOf(rg.start+rg.length-1)); f != nil {
 			if _, err := f.await(r.Context(), rg.start); err != nil {
 				return false, err
@@ -176,17 +178,21 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if r.Method == http.MethodHead || rg.length == 0 {
 		return true, nil
 	}
-	return true, h.stream(w, r, next, req, c, obj, rg)
+	file, err := obj.Open()
+	if err != nil {
+		return true, err
+	}
+	defer file.Close()
+	if present {
+		return true, newSender(w, r).send(file, rg.start, rg.length)
+	}
+	return true, h.stream(w, r, next, req, c, obj, file, rg)
 }
 
 // stream sends the bytes of rg, from present blocks and from fills as they
 // land on disk, fetching ahead of the client.
-func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, rg httpRange) error {
-	file, err := obj.Open()
-	if err != nil {
-		return err
-	}
-	defer file.Close()
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, file *os.File, rg httpRange) error {
+	out := newSender(w, r)
 	pos, end := rg.start, rg.start+rg.length
 	last := obj.BlockOf(end - 1)
 	for pos < end {
@@ -200,7 +206,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 			}
 			blk := obj.Block(e)
 			n := min(end, blk.Off+blk.Len) - pos
-			if err := sendFile(w, file, pos, n); err != nil {
+			if err := out.send(file, pos, n); err != nil {
 				return err
 			}
 			pos += n
@@ -214,7 +220,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 				return err
 			}
 			n := min(avail, segEnd) - pos
-			if err := sendFile(w, file, pos, n); err != nil {
+			if err := out.send(file, pos, n); err != nil {
 				return err
 			}
 			pos += n
@@ -270,18 +276,8 @@ func (c *cache) claim(h *Handler, r *http.Request, next caddyhttp.Handler, req r
 	return c.fills[blockKey{id, b}]
 }
 
-// sendFile copies n bytes at off of file to w; through an *os.File and
-// io.CopyN this reaches sendfile(2) on a plain TCP connection.
-func sendFile(w io.Writer, file io.ReadSeeker, off, n int64) error {
-	if _, err := file.Seek(off, io.SeekStart); err != nil {
-		return err
-	}
-	_, err := io.CopyN(w, file, n)
-	return err
-}
-
-// serveFile answers a request whose ranges are all present, with net/http's
-// ServeContent (ranges, multipart, If-Range, HEAD) over the data file.
+// serveFile answers a multipart range request whose ranges are all present,
+// with net/http's ServeContent over the data file.
 func serveFile(w http.ResponseWriter, r *http.Request, obj *rangestore.Object, modtime time.Time) error {
 	file, err := obj.Open()
 	if err != nil {

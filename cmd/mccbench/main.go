@@ -1,0 +1,397 @@
+// Command mccbench measures caddy-mcc against nginx's slice cache on this
+// machine, side by side in one run, and prints a Markdown table.
+//
+// It builds (or takes) the project's Caddy binary, starts a deterministic
+// origin, caddy-mcc, nginx with a tuned slice cache, and as references nginx
+// and Caddy's file_server serving the same bytes as static files, all on
+// loopback. Each scenario runs against every server in alternating order for
+// several rounds; the table gives medians and the ratio caddy-mcc / nginx.
+//
+//	go run ./cmd/mccbench            # full run, several minutes
+//	go run ./cmd/mccbench -quick     # every scenario, small, under a minute
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+)
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "mccbench:", err)
+		os.Exit(1)
+	}
+}
+
+// sizes are a run's object sizes and durations.
+type sizes struct {
+	hitObject  int64         // scenarios 1-3
+	herdObject int64         // scenario 4
+	herdSize   int           // clients in the herd
+	linear     int64         // scenario 5
+	memObject  int64         // scenario 6
+	memClients int           // scenario 6
+	memTime    time.Duration // scenario 6, per phase
+	loadTime   time.Duration // scenarios 1-3, per round and server
+	rounds     int
+}
+
+var full = sizes{
+	hitObject: 256 << 20, herdObject: 64 << 20, herdSize: 100, linear: 64 << 20,
+	memObject: 1 << 30, memClients: 200, memTime: 10 * time.Second,
+	loadTime: 4 * time.Second, rounds: 3,
+}
+
+var quick = sizes{
+	hitObject: 16 << 20, herdObject: 8 << 20, herdSize: 20, linear: 8 << 20,
+	memObject: 32 << 20, memClients: 20, memTime: 1 * time.Second,
+	loadTime: 500 * time.Millisecond, rounds: 2,
+}
+
+type bench struct {
+	sz      sizes
+	out     io.Writer
+	base    string
+	origin  *origin
+	mcc     *server
+	slice   *server
+	static  *server
+	fileSrv *server
+	// results by scenario row and server name: one value per round.
+	results map[string]map[string][]float64
+	notes   []string
+}
+
+func run(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("mccbench", flag.ContinueOnError)
+	caddyBin := fs.String("caddy", "", "caddy binary with caddy-mcc (default: go build ./cmd/caddy)")
+	nginxBin := fs.String("nginx", "/usr/sbin/nginx", "nginx binary (Debian's, with the slice module)")
+	quickMode := fs.Bool("quick", false, "run every scenario small, in under a minute")
+	rounds := fs.Int("rounds", 0, "rounds per scenario (default 3, quick 2)")
+	keep := fs.Bool("keep", false, "keep the temporary directory")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	b := &bench{sz: full, out: out, results: map[string]map[string][]float64{}}
+	if *quickMode {
+		b.sz = quick
+	}
+	if *rounds > 0 {
+		b.sz.rounds = *rounds
+	}
+	base, err := os.MkdirTemp("", "mccbench-")
+	if err != nil {
+		return err
+	}
+	b.base = base
+	if !*keep {
+		defer os.RemoveAll(base)
+	}
+	if *caddyBin == "" {
+		*caddyBin = filepath.Join(base, "caddy")
+		fmt.Fprintln(os.Stderr, "building ./cmd/caddy ...")
+		cmd := exec.Command("go", "build", "-o", *caddyBin, "./cmd/caddy")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("building caddy (run from the repository root, or pass -caddy): %w", err)
+		}
+	}
+	if b.origin, err = startOrigin(0); err != nil {
+		return err
+	}
+	hitName := fmt.Sprintf("hit-%d", b.sz.hitObject)
+	if err := writeStatic(base, hitName, b.sz.hitObject); err != nil {
+		return err
+	}
+	if b.mcc, err = startCaddy("caddy-mcc", *caddyBin, caddyMCCConfig, base, b.origin.addr, "?cacheHostOrigin=origin.bench"); err != nil {
+		return err
+	}
+	defer b.mcc.stop()
+	if b.slice, err = startNginx("nginx-slice", *nginxBin, nginxSliceConfig, base, b.origin.addr); err != nil {
+		return err
+	}
+	defer b.slice.stop()
+	if b.static, err = startNginx("nginx-static", *nginxBin, nginxStaticConfig, base, b.origin.addr); err != nil {
+		return err
+	}
+	defer b.static.stop()
+	if b.fileSrv, err = startCaddy("caddy-file_server", *caddyBin, caddyFileConfig, base, b.origin.addr, ""); err != nil {
+		return err
+	}
+	defer b.fileSrv.stop()
+
+	fmt.Fprintln(os.Stderr, "warming and verifying caches ...")
+	c, _ := objectFor("/obj/" + hitName)
+	want := contentSum(c)
+	for _, s := range []*server{b.mcc, b.slice, b.static, b.fileSrv} {
+		got, n, err := download(newClient(1), s.url+"/obj/"+hitName+s.query)
+		if err != nil || got != want {
+			return fmt.Errorf("%s served %d bytes with SHA-256 %s, want %s (%v)", s.name, n, got, want, err)
+		}
+	}
+	// A second pass so nginx's slice cache has every slice from disk.
+	download(newClient(1), b.slice.url+"/obj/"+hitName)
+
+	hitServers := []*server{b.mcc, b.slice, b.static, b.fileSrv}
+	fmt.Fprintln(os.Stderr, "1: hit, 1 MiB ranges ...")
+	b.scenarioRanges("1", hitServers, hitName, 1<<20, 8)
+	fmt.Fprintln(os.Stderr, "2: hit, 4 KiB ranges ...")
+	b.scenarioRanges("2", hitServers, hitName, 4<<10, 32)
+	fmt.Fprintln(os.Stderr, "3: hit, whole object ...")
+	b.scenarioWhole(hitServers, hitName)
+	fmt.Fprintln(os.Stderr, "4: cold herd ...")
+	if err := b.scenarioHerd(); err != nil {
+		return err
+	}
+	fmt.Fprintln(os.Stderr, "5: cold linear, 20 ms origin latency ...")
+	if err := b.scenarioLinear(); err != nil {
+		return err
+	}
+	fmt.Fprintln(os.Stderr, "6: memory ...")
+	b.scenarioMemory()
+	b.report()
+	return nil
+}
+
+func writeStatic(base, name string, size int64) error {
+	dir := filepath.Join(base, "static", "obj")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	f, err := os.Create(filepath.Join(dir, name))
+	if err != nil {
+		return err
+	}
+	c, _ := objectFor("/obj/" + name)
+	if _, err := io.Copy(f, io.NewSectionReader(c, 0, size)); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func (b *bench) record(row, server string, v float64) {
+	if b.results[row] == nil {
+		b.results[row] = map[string][]float64{}
+	}
+	b.results[row][server] = append(b.results[row][server], v)
+}
+
+// alternate returns the servers in round r's order: A B A B, then B A B A.
+func alternate(servers []*server, r int) []*server {
+	out := append([]*server(nil), servers...)
+	if r%2 == 1 {
+		for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
+			out[i], out[j] = out[j], out[i]
+		}
+	}
+	return out
+}
+
+// scenarioRanges: random ranges of n bytes, half block-aligned, half not.
+func (b *bench) scenarioRanges(id string, servers []*server, name string, n int64, clients int) {
+	size := b.sz.hitObject
+	for r := 0; r < b.sz.rounds; r++ {
+		for _, s := range alternate(servers, r) {
+			url := s.url + "/obj/" + name + s.query
+			res := runLoad(s, clients, b.sz.loadTime, func(rnd *rand.Rand) request {
+				var off int64
+				if rnd.IntN(2) == 0 {
+					off = rnd.Int64N(size/(1<<20)) << 20
+				} else {
+					off = rnd.Int64N(size - n)
+				}
+				off = min(off, size-n)
+				return request{url: url, rng: fmt.Sprintf("bytes=%d-%d", off, off+n-1), wantLen: n}
+			})
+			b.record(id+" req/s", s.name, res.rps())
+			b.record(id+" MB/s", s.name, res.mbps())
+			b.record(id+" p50 ms", s.name, ms(percentile(res.latency, 0.5)))
+			b.record(id+" p99 ms", s.name, ms(percentile(res.latency, 0.99)))
+			b.record(id+" CPU s/GB", s.name, res.cpuPerGB())
+			b.record(id+" errors", s.name, float64(res.errors))
+		}
+	}
+}
+
+func (b *bench) scenarioWhole(servers []*server, name string) {
+	for r := 0; r < b.sz.rounds; r++ {
+		for _, s := range alternate(servers, r) {
+			url := s.url + "/obj/" + name + s.query
+			res := runLoad(s, 4, b.sz.loadTime, func(*rand.Rand) request {
+				return request{url: url, wantLen: b.sz.hitObject}
+			})
+			b.record("3 MB/s", s.name, res.mbps())
+			b.record("3 CPU s/GB", s.name, res.cpuPerGB())
+			b.record("3 errors", s.name, float64(res.errors))
+		}
+	}
+}
+
+func (b *bench) scenarioHerd() error {
+	for r := 0; r < b.sz.rounds; r++ {
+		for _, s := range alternate([]*server{b.mcc, b.slice}, r) {
+			name := fmt.Sprintf("herd-%s-%d-%d", s.name, r, b.sz.herdObject)
+			sent0 := b.origin.sent.Load()
+			res := runHerd(s.url+"/obj/"+name+s.query, b.sz.herdSize, b.sz.herdObject)
+			ratio := float64(b.origin.sent.Load()-sent0) / float64(b.sz.herdObject)
+			b.record("4 origin bytes / object", s.name, ratio)
+			if len(res.ttfb) > 0 {
+				b.record("4 leader TTFB ms", s.name, ms(res.ttfb[0]))
+				waiters := res.ttfb[1:]
+				b.record("4 waiter TTFB p50 ms", s.name, ms(percentile(waiters, 0.5)))
+				b.record("4 waiter TTFB p99 ms", s.name, ms(percentile(waiters, 0.99)))
+			}
+			b.record("4 total s", s.name, res.total.Seconds())
+			b.record("4 errors", s.name, float64(res.errors))
+		}
+	}
+	return nil
+}
+
+func (b *bench) scenarioLinear() error {
+	b.origin.latency.Store(int64(20 * time.Millisecond))
+	defer b.origin.latency.Store(0)
+	direct := &server{name: "direct", url: "http://" + b.origin.addr}
+	for r := 0; r < b.sz.rounds; r++ {
+		for _, s := range alternate([]*server{b.mcc, b.slice, direct}, r) {
+			name := fmt.Sprintf("linear-%s-%d-%d", s.name, r, b.sz.linear)
+			t0 := time.Now()
+			sum, n, err := download(newClient(1), s.url+"/obj/"+name+s.query)
+			d := time.Since(t0)
+			c, _ := objectFor("/obj/" + name)
+			if err != nil || sum != contentSum(c) {
+				return fmt.Errorf("cold linear download through %s: %d bytes, %v, checksum match %v", s.name, n, err, sum == contentSum(c))
+			}
+			b.record("5 MB/s", s.name, float64(n)/d.Seconds()/1e6)
+		}
+	}
+	return nil
+}
+
+func (b *bench) scenarioMemory() {
+	for _, s := range []*server{b.mcc, b.slice} {
+		name := fmt.Sprintf("mem-%s-%d", s.name, b.sz.memObject)
+		url := s.url + "/obj/" + name + s.query
+		cold, errs := runMemory(s, url, b.sz.memClients, b.sz.memTime)
+		b.record("6 peak RSS MB, cold fill", s.name, float64(cold)/1e6)
+		// Let the fill finish, then the hit phase reads the stored object.
+		download(newClient(1), url)
+		hit, errs2 := runMemory(s, url, b.sz.memClients, b.sz.memTime)
+		b.record("6 peak RSS MB, hit", s.name, float64(hit)/1e6)
+		b.record("6 errors", s.name, float64(errs+errs2))
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// rows are the table's rows in order, with their targets.
+var rows = []struct{ key, target string }{
+	{"1 req/s", "≥ 1.1× slice, ≥ 0.9× static"},
+	{"1 MB/s", "≥ 1.1× slice, ≥ 0.9× static"},
+	{"1 CPU s/GB", "≤ 1.5× slice"},
+	{"2 req/s", "≥ 1.0× slice"},
+	{"2 p50 ms", ""},
+	{"2 p99 ms", ""},
+	{"2 CPU s/GB", "≤ 1.5× slice"},
+	{"3 MB/s", "≥ 1.0× slice, ≥ 0.9× static"},
+	{"3 CPU s/GB", "≤ 1.5× slice"},
+	{"4 origin bytes / object", "= 1.00"},
+	{"4 leader TTFB ms", ""},
+	{"4 waiter TTFB p50 ms", ""},
+	{"4 waiter TTFB p99 ms", "≤ leader + 50 ms"},
+	{"4 total s", ""},
+	{"5 MB/s", "≥ 0.9× direct"},
+	{"6 peak RSS MB, cold fill", "≤ 150"},
+	{"6 peak RSS MB, hit", "≤ 150"},
+}
+
+func (b *bench) report() {
+	w := b.out
+	fmt.Fprintf(w, "## mccbench results (%s, %d rounds, medians)\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"), b.sz.rounds)
+	fmt.Fprintln(w, "| scenario / metric | caddy-mcc | nginx slice | mcc / slice | nginx static | mcc / static | Caddy file_server | direct | target |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---|")
+	cell := func(row, srv string) (float64, string) {
+		v, ok := b.results[row][srv]
+		if !ok {
+			return 0, ""
+		}
+		m := median(v)
+		return m, fmt.Sprintf("%.2f", m)
+	}
+	ratio := func(a, c float64, ok bool) string {
+		if !ok || c == 0 {
+			return ""
+		}
+		return fmt.Sprintf("%.2f×", a/c)
+	}
+	for _, r := range rows {
+		m, ms := cell(r.key, "caddy-mcc")
+		s, ss := cell(r.key, "nginx-slice")
+		st, sts := cell(r.key, "nginx-static")
+		_, fs := cell(r.key, "caddy-file_server")
+		d, ds := cell(r.key, "direct")
+		mcStatic := ratio(m, st, sts != "")
+		if d != 0 {
+			mcStatic = "" // the direct column has the reference instead
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.key, ms, ss, ratio(m, s, ss != "" && ms != ""), sts, mcStatic, fs, withRatio(ds, m, d), r.target)
+	}
+	var errs []string
+	for row, bySrv := range b.results {
+		if strings.HasSuffix(row, "errors") {
+			for srv, v := range bySrv {
+				if t := sum(v); t > 0 {
+					errs = append(errs, fmt.Sprintf("%s: %s had %.0f failed requests", row, srv, t))
+				}
+			}
+		}
+	}
+	sort.Strings(errs)
+	fmt.Fprintln(w)
+	if len(errs) == 0 {
+		fmt.Fprintln(w, "No failed requests.")
+	}
+	for _, e := range errs {
+		fmt.Fprintln(w, "- "+e)
+	}
+	fmt.Fprintf(w, "\nObjects: hit %d MiB, herd %d MiB × %d clients, linear %d MiB, memory %d MiB × %d clients for %s per phase.\n",
+		b.sz.hitObject>>20, b.sz.herdObject>>20, b.sz.herdSize, b.sz.linear>>20, b.sz.memObject>>20, b.sz.memClients, b.sz.memTime)
+	fmt.Fprintf(w, "\n<details><summary>nginx slice configuration</summary>\n\n```nginx\n%s```\n</details>\n", b.slice.config)
+	fmt.Fprintf(w, "\n<details><summary>caddy-mcc configuration</summary>\n\n```caddyfile\n%s```\n</details>\n", b.mcc.config)
+}
+
+// withRatio shows the direct value and caddy-mcc's ratio to it.
+func withRatio(ds string, m, d float64) string {
+	if ds == "" || d == 0 {
+		return ds
+	}
+	return fmt.Sprintf("%s (mcc %.2f×)", ds, m/d)
+}
+
+func sum(v []float64) (t float64) {
+	for _, x := range v {
+		t += x
+	}
+	return t
+}
