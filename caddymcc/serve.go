@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -53,8 +54,12 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // yet, to learn its length and validators, and returns the stored object.
 // Clients arriving meanwhile join the same fetch.
 func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store) (*rangestore.Object, error) {
-	first := int(firstByteWanted(r.Header.Get("Range")) / c.blockSize)
+	start, end := wantedSpan(r.Header.Get("Range"))
+	first := int(start / c.blockSize)
 	last := first + h.raBlocks - 1
+	if end >= 0 {
+		last = min(last, int(end/c.blockSize))
+	}
 	if r.Method == http.MethodHead {
 		last = first
 	}
@@ -73,14 +78,25 @@ func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c 
 	return store.Get(req.key)
 }
 
-// firstByteWanted returns the first byte offset of a Range header's first
-// range, or 0 when that needs the length (a suffix range) or there is none.
-func firstByteWanted(s string) int64 {
-	ranges, err := parseRange(s, 1<<62)
-	if err != nil || len(ranges) == 0 || ranges[0].start >= 1<<62-1<<40 {
-		return 0
+// wantedSpan returns the first and last byte of a Range header's first
+// range as far as they are known without the object's length: start 0 for
+// a suffix range or none, end -1 when open.
+func wantedSpan(s string) (start, end int64) {
+	spec, ok := strings.CutPrefix(s, "bytes=")
+	if !ok {
+		return 0, -1
 	}
-	return ranges[0].start
+	first, _, _ := strings.Cut(spec, ",")
+	a, b, ok := strings.Cut(strings.TrimSpace(first), "-")
+	start, err := strconv.ParseInt(strings.TrimSpace(a), 10, 64)
+	if !ok || err != nil || start < 0 {
+		return 0, -1
+	}
+	end, err = strconv.ParseInt(strings.TrimSpace(b), 10, 64)
+	if err != nil || end < start {
+		return start, -1
+	}
+	return start, end
 }
 
 // respond answers r from obj, fetching missing blocks. sent reports whether
