@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sync"
 	"syscall"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -41,10 +42,35 @@ func newSender(w http.ResponseWriter, r *http.Request) sender {
 	return s
 }
 
+// smallSpan is the largest span copied through a buffer: below it, one
+// pread and a Write that joins the header's write beat open, seek and
+// sendfile (and sub-chunk tails cannot use sendfile anyway).
+const smallSpan = 64 << 10
+
+var spanBuffers = sync.Pool{New: func() any { return new([smallSpan]byte) }}
+
+// sendSmall copies n <= smallSpan bytes at off of r through a pooled buffer.
+func (s sender) sendSmall(r io.ReaderAt, off, n int64) error {
+	buf := spanBuffers.Get().(*[smallSpan]byte)
+	defer spanBuffers.Put(buf)
+	m, err := r.ReadAt(buf[:n], off)
+	if m == int(n) {
+		err = nil
+	}
+	if err != nil {
+		return err
+	}
+	_, err = s.w.Write(buf[:n])
+	return err
+}
+
 // send copies n bytes at off of f to the response.
 func (s sender) send(f *os.File, off, n int64) error {
 	if n <= 0 {
 		return nil
+	}
+	if n <= smallSpan {
+		return s.sendSmall(f, off, n)
 	}
 	if _, err := f.Seek(off, io.SeekStart); err != nil {
 		return err

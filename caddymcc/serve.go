@@ -194,6 +194,10 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if r.Method == http.MethodHead || rg.length == 0 {
 		return true, nil
 	}
+	if present && rg.length <= smallSpan {
+		// Small hits read through the object's shared descriptor.
+		return true, newSender(w, r).sendSmall(obj, rg.start, rg.length)
+	}
 	file, err := obj.Open()
 	if err != nil {
 		return true, err
