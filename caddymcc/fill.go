@@ -73,17 +73,26 @@ func (f *fill) notifyLocked() {
 	f.wake = make(chan struct{})
 }
 
-// headers waits until the fill knows its object (or failed).
+// headers waits until the fill knows its object, and returns a handle on
+// it for the caller to close; nil and the fill's error when it failed
+// before; nil, nil when it ended and the object is to be looked up.
 func (f *fill) headers(ctx context.Context) (*rangestore.Object, error) {
 	for {
 		f.mu.Lock()
 		obj, done, err, wake := f.obj, f.done, f.err, f.wake
-		f.mu.Unlock()
-		if obj != nil {
-			return obj, nil
+		if obj != nil && !done {
+			// The fill closes its handle only after marking itself done,
+			// under f.mu: obj is still open here.
+			obj = obj.Dup()
 		}
-		if done {
+		f.mu.Unlock()
+		switch {
+		case done && obj != nil:
+			return nil, nil
+		case done:
 			return nil, err
+		case obj != nil:
+			return obj, nil
 		}
 		select {
 		case <-wake:
@@ -95,7 +104,8 @@ func (f *fill) headers(ctx context.Context) (*rangestore.Object, error) {
 
 // await waits until bytes at cur have arrived and returns the offset up to
 // which bytes are on disk, or the fill's error when it ended before cur.
-func (f *fill) await(ctx context.Context, cur int64) (int64, error) {
+// Before it blocks it calls idle, which flushes what the client was sent.
+func (f *fill) await(ctx context.Context, cur int64, idle func()) (int64, error) {
 	for {
 		f.mu.Lock()
 		pos, started, done, err, wake := f.pos, f.obj != nil, f.done, f.err, f.wake
@@ -108,6 +118,10 @@ func (f *fill) await(ctx context.Context, cur int64) (int64, error) {
 				err = errShortBody
 			}
 			return 0, err
+		}
+		if idle != nil {
+			idle()
+			idle = nil
 		}
 		select {
 		case <-wake:

@@ -35,6 +35,21 @@ func serveRange(w http.ResponseWriter, r *http.Request, obj *originObject, write
 	write(w, obj.data[start:end+1])
 }
 
+// gate holds origin handlers until the test opens it; it opens at cleanup
+// too, so a failing test does not leave handlers blocked.
+type gate struct {
+	ch   chan struct{}
+	once sync.Once
+}
+
+func newGate(t *testing.T) *gate {
+	g := &gate{ch: make(chan struct{})}
+	t.Cleanup(g.open)
+	return g
+}
+
+func (g *gate) open() { g.once.Do(func() { close(g.ch) }) }
+
 // waitCtx bounds a wait that would otherwise hang the test run if the
 // behaviour under test is broken; it is not a timing assertion.
 func waitCtx(t *testing.T) context.Context {
@@ -90,17 +105,16 @@ func TestFirstByteArrivesWhileOriginStillSendsBlockZero(t *testing.T) {
 	o := newOrigin(t)
 	o.add("/slow.swu", 200*kib, 11)
 	g := startGateway(t, o, "")
-	release := make(chan struct{})
+	release := newGate(t)
 	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
 		serveRange(w, r, obj, func(w http.ResponseWriter, body []byte) {
-			w.Write(body[:4096])
+			w.Write(body[:100])
 			w.(http.Flusher).Flush()
-			<-release
-			w.Write(body[4096:])
+			<-release.ch
+			w.Write(body[100:])
 		})
 		return true
 	})
-	defer close(release)
 
 	req, _ := http.NewRequestWithContext(waitCtx(t), http.MethodGet, g.url+"/slow.swu?cacheHostOrigin=origin.test", nil)
 	resp, err := testClient.Do(req)
@@ -108,12 +122,12 @@ func TestFirstByteArrivesWhileOriginStillSendsBlockZero(t *testing.T) {
 		t.Fatalf("no response while the origin holds block 0: %v", err)
 	}
 	defer resp.Body.Close()
-	first := make([]byte, 4096)
+	first := make([]byte, 100)
 	if _, err := io.ReadFull(resp.Body, first); err != nil {
-		t.Fatalf("first 4 KiB did not arrive while the origin holds the rest of block 0: %v", err)
+		t.Fatalf("first 100 bytes did not arrive while the origin holds the rest of block 0: %v", err)
 	}
 	o.mu.Lock()
-	wantFirst := o.objects["/slow.swu"].data[:4096]
+	wantFirst := o.objects["/slow.swu"].data[:100]
 	o.mu.Unlock()
 	if !bytes.Equal(first, wantFirst) {
 		t.Fatal("first bytes differ")
@@ -124,12 +138,12 @@ func TestClientDisconnectMidFillOtherClientCompletes(t *testing.T) {
 	o := newOrigin(t)
 	want := o.add("/dc.swu", 300*kib, 12)
 	g := startGateway(t, o, "")
-	release := make(chan struct{})
+	release := newGate(t)
 	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
 		serveRange(w, r, obj, func(w http.ResponseWriter, body []byte) {
 			w.Write(body[:10000])
 			w.(http.Flusher).Flush()
-			<-release
+			<-release.ch
 			w.Write(body[10000:])
 		})
 		return true
@@ -156,7 +170,7 @@ func TestClientDisconnectMidFillOtherClientCompletes(t *testing.T) {
 	if _, err := io.ReadFull(respB.Body, make([]byte, 5000)); err != nil {
 		t.Fatal(err)
 	}
-	close(release)
+	release.open()
 	rest, err := io.ReadAll(respB.Body)
 	if err != nil {
 		t.Fatalf("client B cut off after A left: %v", err)
@@ -327,12 +341,12 @@ func TestReloadThroughAdminAPIMidDownload(t *testing.T) {
 	o := newOrigin(t)
 	want := o.add("/reload.swu", 900*kib, 50)
 	g := startGateway(t, o, "")
-	release := make(chan struct{})
+	release := newGate(t)
 	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
 		serveRange(w, r, obj, func(w http.ResponseWriter, body []byte) {
 			w.Write(body[:1000])
 			w.(http.Flusher).Flush()
-			<-release
+			<-release.ch
 			w.Write(body[1000:])
 		})
 		return true
@@ -358,7 +372,7 @@ func TestReloadThroughAdminAPIMidDownload(t *testing.T) {
 	if lr.StatusCode != 200 {
 		t.Fatalf("reload: %d %s", lr.StatusCode, body)
 	}
-	close(release)
+	release.open()
 	rest, err := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if err != nil || sum(append(head, rest...)) != sum(want) {

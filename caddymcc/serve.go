@@ -178,7 +178,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	// upstream that is down or refuses still gets an honest status.
 	if !present && rg.length > 0 && r.Method != http.MethodHead {
 		if f := c.claim(h, r, next, req, obj, obj.BlockOf(rg.start), obj.BlockOf(rg.start+rg.length-1)); f != nil {
-			if _, err := f.await(r.Context(), rg.start); err != nil {
+			if _, err := f.await(r.Context(), rg.start, nil); err != nil {
 				return false, err
 			}
 		}
@@ -213,6 +213,8 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 // land on disk, fetching ahead of the client.
 func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, file *os.File, rg httpRange) error {
 	out := newSender(w, r)
+	// Bytes already sent must reach the client before waiting for more.
+	flush := func() { http.NewResponseController(w).Flush() }
 	pos, end := rg.start, rg.start+rg.length
 	last := obj.BlockOf(end - 1)
 	for pos < end {
@@ -235,7 +237,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		blk := obj.Block(b)
 		segEnd := min(end, blk.Off+blk.Len)
 		for pos < segEnd {
-			avail, err := f.await(r.Context(), pos)
+			avail, err := f.await(r.Context(), pos, flush)
 			if err != nil {
 				return err
 			}
@@ -262,7 +264,7 @@ func (h *Handler) fetch(r *http.Request, next caddyhttp.Handler, req request, c 
 			continue
 		}
 		blk := obj.Block(b)
-		if _, err := f.await(r.Context(), blk.Off+blk.Len-1); err != nil {
+		if _, err := f.await(r.Context(), blk.Off+blk.Len-1, nil); err != nil {
 			return err
 		}
 	}
