@@ -77,6 +77,9 @@ func run(args []string, out io.Writer) error {
 	quickMode := fs.Bool("quick", false, "run every scenario small, in under a minute")
 	rounds := fs.Int("rounds", 0, "rounds per scenario (default 3, quick 2)")
 	keep := fs.Bool("keep", false, "keep the temporary directory")
+	hitMiB := fs.Int64("hit-mib", 0, "object size for the hit scenarios 1-3, MiB (default 256, quick 16)")
+	memMiB := fs.Int64("mem-mib", 0, "object size for the memory scenario 6, MiB (default 1024, quick 32)")
+	only := fs.String("scenarios", "1,2,3,4,5,6", "comma-separated scenarios to run")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -86,6 +89,16 @@ func run(args []string, out io.Writer) error {
 	}
 	if *rounds > 0 {
 		b.sz.rounds = *rounds
+	}
+	if *hitMiB > 0 {
+		b.sz.hitObject = *hitMiB << 20
+	}
+	if *memMiB > 0 {
+		b.sz.memObject = *memMiB << 20
+	}
+	want := map[string]bool{}
+	for _, s := range strings.Split(*only, ",") {
+		want[strings.TrimSpace(s)] = true
 	}
 	base, err := os.MkdirTemp("", "mccbench-")
 	if err != nil {
@@ -98,10 +111,10 @@ func run(args []string, out io.Writer) error {
 	if *caddyBin == "" {
 		*caddyBin = filepath.Join(base, "caddy")
 		fmt.Fprintln(os.Stderr, "building ./cmd/caddy ...")
-		cmd := exec.Command("go", "build", "-o", *caddyBin, "./cmd/caddy")
+		cmd := exec.Command("go", "build", "-o", *caddyBin, "github.com/caddy-mcc/caddy-mcc/cmd/caddy")
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
-			return fmt.Errorf("building caddy (run from the repository root, or pass -caddy): %w", err)
+			return fmt.Errorf("building caddy (run inside the module, or pass -caddy): %w", err)
 		}
 	}
 	if b.origin, err = startOrigin(0); err != nil {
@@ -130,33 +143,45 @@ func run(args []string, out io.Writer) error {
 
 	fmt.Fprintln(os.Stderr, "warming and verifying caches ...")
 	c, _ := objectFor("/obj/" + hitName)
-	want := contentSum(c)
+	wantSum := contentSum(c)
 	for _, s := range []*server{b.mcc, b.slice, b.static, b.fileSrv} {
 		got, n, err := download(newClient(1), s.url+"/obj/"+hitName+s.query)
-		if err != nil || got != want {
-			return fmt.Errorf("%s served %d bytes with SHA-256 %s, want %s (%v)", s.name, n, got, want, err)
+		if err != nil || got != wantSum {
+			return fmt.Errorf("%s served %d bytes with SHA-256 %s, want %s (%v)", s.name, n, got, wantSum, err)
 		}
 	}
 	// A second pass so nginx's slice cache has every slice from disk.
 	download(newClient(1), b.slice.url+"/obj/"+hitName)
 
 	hitServers := []*server{b.mcc, b.slice, b.static, b.fileSrv}
-	fmt.Fprintln(os.Stderr, "1: hit, 1 MiB ranges ...")
-	b.scenarioRanges("1", hitServers, hitName, 1<<20, 8)
-	fmt.Fprintln(os.Stderr, "2: hit, 4 KiB ranges ...")
-	b.scenarioRanges("2", hitServers, hitName, 4<<10, 32)
-	fmt.Fprintln(os.Stderr, "3: hit, whole object ...")
-	b.scenarioWhole(hitServers, hitName)
-	fmt.Fprintln(os.Stderr, "4: cold herd ...")
-	if err := b.scenarioHerd(); err != nil {
-		return err
+	if want["1"] {
+		fmt.Fprintln(os.Stderr, "1: hit, 1 MiB ranges ...")
+		b.scenarioRanges("1", hitServers, hitName, 1<<20, 8)
 	}
-	fmt.Fprintln(os.Stderr, "5: cold linear, 20 ms origin latency ...")
-	if err := b.scenarioLinear(); err != nil {
-		return err
+	if want["2"] {
+		fmt.Fprintln(os.Stderr, "2: hit, 4 KiB ranges ...")
+		b.scenarioRanges("2", hitServers, hitName, 4<<10, 32)
 	}
-	fmt.Fprintln(os.Stderr, "6: memory ...")
-	b.scenarioMemory()
+	if want["3"] {
+		fmt.Fprintln(os.Stderr, "3: hit, whole object ...")
+		b.scenarioWhole(hitServers, hitName)
+	}
+	if want["4"] {
+		fmt.Fprintln(os.Stderr, "4: cold herd ...")
+		if err := b.scenarioHerd(); err != nil {
+			return err
+		}
+	}
+	if want["5"] {
+		fmt.Fprintln(os.Stderr, "5: cold linear, 20 ms origin latency ...")
+		if err := b.scenarioLinear(); err != nil {
+			return err
+		}
+	}
+	if want["6"] {
+		fmt.Fprintln(os.Stderr, "6: memory ...")
+		b.scenarioMemory()
+	}
 	b.report()
 	return nil
 }
