@@ -26,8 +26,9 @@ type cache struct {
 	err   error
 
 	// ctx ends when the cache is destructed; fills stop with it.
-	ctx    context.Context
-	cancel context.CancelFunc
+	ctx     context.Context
+	cancel  context.CancelFunc
+	running sync.WaitGroup // fills in flight
 
 	mu sync.Mutex
 	// fills holds the claim on each block being fetched, by object version
@@ -109,6 +110,7 @@ func (c *cache) wait(ctx context.Context) (*rangestore.Store, error) {
 // it is gone.
 func (c *cache) Destruct() error {
 	c.cancel()
+	c.running.Wait()
 	<-c.ready
 	if c.store == nil {
 		return nil

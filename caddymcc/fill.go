@@ -151,6 +151,7 @@ func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, r
 		// The fill needs its own handle: the client may close its own first.
 		held = obj.Dup()
 	}
+	c.running.Add(1)
 	go f.run(h, fr, cancel, next, held)
 	return f
 }
@@ -183,6 +184,7 @@ func (h *Handler) subrequest(base context.Context, r *http.Request, req request,
 
 // run performs the fill and settles it.
 func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next caddyhttp.Handler, obj *rangestore.Object) {
+	defer f.c.running.Done()
 	defer cancel()
 	began := time.Now()
 	fw := &fillWriter{f: f, h: h, obj: obj, header: make(http.Header)}

@@ -251,6 +251,7 @@ func TestLyingUpstreams(t *testing.T) {
 
 			// Nothing wrong was stored: with an honest origin, every byte
 			// matches.
+			g.waitFills()
 			o.setHook(nil)
 			resp = g.get(path, "origin.test")
 			got, err = readBody(resp)
@@ -296,6 +297,7 @@ func TestETagChangeBetweenBlocksNeverMixesVersions(t *testing.T) {
 	if b, err := readBody(resp); err != nil || sum(b) != sum(old[:101]) {
 		t.Fatalf("priming: %v", err)
 	}
+	g.waitFills()
 	newer := o.add("/v.swu", 640*kib, 41) // same length, new ETag
 
 	resp = g.get("/v.swu", "origin.test")

@@ -43,7 +43,7 @@ type originObject struct {
 }
 
 type originRequest struct {
-	path, rangeHeader, host string
+	path, query, rangeHeader, host string
 }
 
 func newOrigin(t *testing.T) *testOrigin {
@@ -84,7 +84,7 @@ func (o *testOrigin) setHook(h func(w http.ResponseWriter, r *http.Request, obj 
 func (o *testOrigin) serve(w http.ResponseWriter, r *http.Request) {
 	o.mu.Lock()
 	obj := o.objects[r.URL.Path]
-	o.requests = append(o.requests, originRequest{r.URL.Path, r.Header.Get("Range"), r.Host})
+	o.requests = append(o.requests, originRequest{r.URL.Path, r.URL.RawQuery, r.Header.Get("Range"), r.Host})
 	hook := o.hook
 	o.mu.Unlock()
 	if obj == nil {
@@ -258,4 +258,15 @@ func (g *gateway) storeDir() string { return filepath.Join(g.dir, "store") }
 func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
+}
+
+// waitFills waits until no fill of the gateway's store is in flight, for
+// tests whose next step must not join a fill started by the previous one.
+func (g *gateway) waitFills() {
+	caches.Range(func(k, v any) bool {
+		if k == g.storeDir() {
+			v.(*cache).running.Wait()
+		}
+		return true
+	})
 }

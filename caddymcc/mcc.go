@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -213,7 +214,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 func setPlaceholders(repl *caddy.Replacer, req request) {
 	repl.Set("http.mcc.origin_host", req.origin)
-	repl.Set("http.mcc.origin_uri", req.uri)
+	uri := req.uri
+	if !strings.Contains(uri, "?") {
+		// An empty query, so that `rewrite {http.mcc.origin_uri}` drops
+		// the client's (cacheHostOrigin): without a "?" Caddy's rewrite
+		// keeps the original query.
+		uri += "?"
+	}
+	repl.Set("http.mcc.origin_uri", uri)
 }
 
 // refuse answers a request the cache does not serve, with a short reason.

@@ -109,8 +109,14 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	setEntityHeaders(hdr, meta)
 	modtime := parseHTTPDate(meta.LastModified)
 
+	// Answers decided by the metadata alone are hits, unless the metadata
+	// itself was just fetched.
+	metaStatus := h.Name + "; hit"
+	if learned {
+		metaStatus = h.Name + "; fwd=miss"
+	}
 	if code := checkPreconditions(r, meta.ETag, modtime); code != 0 {
-		hdr.Set("Cache-Status", h.Name+"; hit")
+		hdr.Set("Cache-Status", metaStatus)
 		writeConditional(w, code)
 		return true, nil
 	}
@@ -120,7 +126,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	}
 	ranges, err := parseRange(rangeHeader, size)
 	if err != nil {
-		hdr.Set("Cache-Status", h.Name+"; hit")
+		hdr.Set("Cache-Status", metaStatus)
 		if err == errNoOverlap {
 			hdr.Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
 		}

@@ -29,8 +29,8 @@ func TestColdGetStreamsWholeObjectThenHits(t *testing.T) {
 		t.Errorf("cold Cache-Status = %q, want fwd=miss", cs)
 	}
 	for _, r := range o.log() {
-		if !strings.HasPrefix(r.rangeHeader, "bytes=") || r.host != "origin.test" {
-			t.Errorf("origin got %+v; want a block-aligned range for Host origin.test", r)
+		if !strings.HasPrefix(r.rangeHeader, "bytes=") || r.host != "origin.test" || r.query != "" {
+			t.Errorf("origin got %+v; want a block-aligned range for Host origin.test, no query", r)
 		}
 	}
 	sent := o.bytesSent()
@@ -176,5 +176,22 @@ func TestResumeWithTwoRangeLinesUsesLast(t *testing.T) {
 		if sum(got) != sum(want[250000:]) {
 			t.Fatalf("%s: body differs", label)
 		}
+	}
+}
+
+func TestOriginGetsQueryWithoutCacheHostOrigin(t *testing.T) {
+	o := newOrigin(t)
+	o.add("/q.bin", 1000, 6)
+	g := startGateway(t, o, "")
+	readAll(t, g.get("/q.bin", "origin.test"))
+	req, _ := http.NewRequest(http.MethodGet, g.url+"/q.bin?a=1&cacheHostOrigin=origin.test&b=%2F", nil)
+	resp, err := testClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	log := o.log()
+	if len(log) != 2 || log[0].query != "" || log[1].query != "a=1&b=%2F" {
+		t.Fatalf("origin saw queries %+v; want \"\" then \"a=1&b=%%2F\"", log)
 	}
 }
