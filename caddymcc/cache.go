@@ -29,6 +29,7 @@ type cache struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
 	running sync.WaitGroup // fills in flight
+	stats   counters
 
 	mu sync.Mutex
 	// fills holds the claim on each block being fetched, by object version

@@ -30,7 +30,8 @@ type fill struct {
 	c      *cache
 	key    string
 	origin string
-	learn  bool // started for an object not yet in the store
+	learn  bool          // started for an object not yet in the store
+	by     *http.Request // the client request that started it
 
 	// first and last are the planned blocks; the Range sent upstream.
 	first, last int
@@ -140,6 +141,7 @@ func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, r
 		key:    req.key,
 		origin: req.origin,
 		learn:  obj == nil,
+		by:     r,
 		first:  first,
 		last:   last,
 		wake:   make(chan struct{}),
@@ -152,6 +154,8 @@ func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, r
 		held = obj.Dup()
 	}
 	c.running.Add(1)
+	c.stats.fillsStarted.Add(1)
+	c.stats.fillsInFlight.Add(1)
 	go f.run(h, fr, cancel, next, held)
 	return f
 }
@@ -185,6 +189,7 @@ func (h *Handler) subrequest(base context.Context, r *http.Request, req request,
 // run performs the fill and settles it.
 func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next caddyhttp.Handler, obj *rangestore.Object) {
 	defer f.c.running.Done()
+	defer f.c.stats.fillsInFlight.Add(-1)
 	defer cancel()
 	began := time.Now()
 	fw := &fillWriter{f: f, h: h, obj: obj, header: make(http.Header)}
@@ -201,6 +206,10 @@ func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next
 	if c := h.logger.Check(zapcore.DebugLevel, "fill done"); c != nil {
 		c.Write(zap.String("key", f.key), zap.Int("first", f.first), zap.Int("last", f.last),
 			zap.Int64("bytes", fw.received), zap.Duration("took", time.Since(began)), zap.Error(err))
+	}
+	var pass *upstreamResponse
+	if err != nil && !errors.As(err, &pass) {
+		f.c.stats.upstreamErrors.Add(1)
 	}
 	f.settle(fw.obj, err, fw.start, fw.end)
 }
@@ -398,6 +407,7 @@ func (w *fillWriter) Write(p []byte) (int, error) {
 	}
 	n := len(p)
 	w.received += int64(n)
+	w.f.c.stats.upstreamBytes.Add(int64(n))
 	w.idle.Reset(w.h.fillTimeout)
 	switch {
 	case w.pass != nil:

@@ -206,6 +206,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if store == nil {
 		// The store could not be opened (logged at start): still serve,
 		// without caching.
+		h.cache.stats.requests[statusBypass].Add(1)
 		w.Header().Set("Cache-Status", h.Name+"; fwd=bypass; detail=store-unavailable")
 		return next.ServeHTTP(w, r)
 	}
@@ -226,6 +227,7 @@ func setPlaceholders(repl *caddy.Replacer, req request) {
 
 // refuse answers a request the cache does not serve, with a short reason.
 func (h *Handler) refuse(w http.ResponseWriter, status int, reason string) error {
+	h.cache.stats.requests[statusBypass].Add(1)
 	hdr := w.Header()
 	hdr.Set("Content-Type", "text/plain; charset=utf-8")
 	hdr.Set("X-Content-Type-Options", "nosniff")

@@ -26,7 +26,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			learned = true
 		}
 		if err != nil {
-			return h.upstreamError(w, r, err)
+			return h.upstreamError(w, r, c, err)
 		}
 		sent, err := h.respond(w, r, next, req, c, obj, learned)
 		obj.Close()
@@ -38,12 +38,13 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			// start over on the new version.
 			continue
 		case !sent:
-			return h.upstreamError(w, r, err)
+			return h.upstreamError(w, r, c, err)
 		}
 		// Headers and perhaps bytes are out: the only honest end is to cut
 		// the connection, so the client sees a failed transfer rather than
 		// a short or mixed body.
 		if r.Context().Err() == nil {
+			c.stats.requests[statusError].Add(1)
 			h.logger.Warn("aborting response after upstream failure", zap.String("key", req.key), zap.Error(err))
 		}
 		panic(http.ErrAbortHandler)
@@ -115,7 +116,12 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if learned {
 		metaStatus = h.Name + "; fwd=miss"
 	}
+	metaKind := statusHit
+	if learned {
+		metaKind = statusMiss
+	}
 	if code := checkPreconditions(r, meta.ETag, modtime); code != 0 {
+		c.stats.requests[metaKind].Add(1)
 		hdr.Set("Cache-Status", metaStatus)
 		writeConditional(w, code)
 		return true, nil
@@ -126,6 +132,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	}
 	ranges, err := parseRange(rangeHeader, size)
 	if err != nil {
+		c.stats.requests[metaKind].Add(1)
 		hdr.Set("Cache-Status", metaStatus)
 		if err == errNoOverlap {
 			hdr.Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
@@ -157,15 +164,16 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 			some = some || has
 		}
 	}
-	status := h.Name + "; hit"
+	status, kind := h.Name+"; hit", statusHit
 	switch {
 	case present:
 	case some && !learned:
-		status = h.Name + "; fwd=partial"
+		status, kind = h.Name+"; fwd=partial", statusPartial
 	default:
-		status = h.Name + "; fwd=miss"
+		status, kind = h.Name+"; fwd=miss", statusMiss
 	}
 	hdr.Set("Cache-Status", status)
+	c.stats.requests[kind].Add(1)
 
 	if len(ranges) > 1 {
 		// Multipart answers are rare (no update client sends them): fetch
@@ -176,6 +184,11 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 				return false, err
 			}
 		}
+		counter := &c.stats.missBytes
+		if present {
+			counter = &c.stats.hitBytes
+		}
+		counter.Add(sumRangesSize(ranges))
 		return true, serveFile(w, r, obj, modtime)
 	}
 
@@ -202,7 +215,11 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	}
 	if present && rg.length <= smallSpan {
 		// Small hits read through the object's shared descriptor.
-		return true, newSender(w, r).sendSmall(obj, rg.start, rg.length)
+		err := newSender(w, r).sendSmall(obj, rg.start, rg.length)
+		if err == nil {
+			c.stats.hitBytes.Add(rg.length)
+		}
+		return true, err
 	}
 	file, err := obj.Open()
 	if err != nil {
@@ -210,7 +227,11 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	}
 	defer file.Close()
 	if present {
-		return true, newSender(w, r).send(file, rg.start, rg.length)
+		err := newSender(w, r).send(file, rg.start, rg.length)
+		if err == nil {
+			c.stats.hitBytes.Add(rg.length)
+		}
+		return true, err
 	}
 	return true, h.stream(w, r, next, req, c, obj, file, rg)
 }
@@ -237,6 +258,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 			if err := out.send(file, pos, n); err != nil {
 				return err
 			}
+			c.stats.hitBytes.Add(n)
 			pos += n
 			continue
 		}
@@ -251,6 +273,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 			if err := out.send(file, pos, n); err != nil {
 				return err
 			}
+			c.stats.missBytes.Add(n)
 			pos += n
 		}
 	}
@@ -301,7 +324,11 @@ func (c *cache) claim(h *Handler, r *http.Request, next caddyhttp.Handler, req r
 		}
 		break
 	}
-	return c.fills[blockKey{id, b}]
+	f := c.fills[blockKey{id, b}]
+	if f != nil && f.by != r {
+		c.stats.collapsed.Add(1)
+	}
+	return f
 }
 
 // serveFile answers a multipart range request whose ranges are all present,
@@ -339,12 +366,13 @@ func setEntityHeaders(hdr http.Header, m rangestore.Meta) {
 // upstreamError answers a request that failed before anything was sent.
 // Upstream failures are 502 or 504, never 4xx: Delivery Optimization agents
 // take a 4xx as "origin not served here" and stop asking for 15 minutes.
-func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err error) error {
+func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, c *cache, err error) error {
 	if r.Context().Err() != nil {
 		return err // the client left; nobody reads the answer
 	}
 	var pass *upstreamResponse
 	if errors.As(err, &pass) {
+		c.stats.requests[statusMiss].Add(1)
 		hdr := w.Header()
 		for k := range hdr {
 			delete(hdr, k)
@@ -360,6 +388,7 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		}
 		return nil
 	}
+	c.stats.requests[statusError].Add(1)
 	w.Header().Set("Cache-Status", h.Name+"; fwd=miss; detail=upstream-error")
 	var he caddyhttp.HandlerError
 	if errors.As(err, &he) && he.StatusCode >= 500 {
