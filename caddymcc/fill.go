@@ -207,9 +207,11 @@ func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next
 		c.Write(zap.String("key", f.key), zap.Int("first", f.first), zap.Int("last", f.last),
 			zap.Int64("bytes", fw.received), zap.Duration("took", time.Since(began)), zap.Error(err))
 	}
+	f.c.stats.fillSeconds.observe(time.Since(began))
 	var pass *upstreamResponse
 	if err != nil && !errors.As(err, &pass) {
 		f.c.stats.upstreamErrors.Add(1)
+		f.c.stats.fillErrors[classifyFillError(err)].Add(1)
 	}
 	f.settle(fw.obj, err, fw.start, fw.end)
 }

@@ -182,13 +182,15 @@ func (h *Handler) Cleanup() error {
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	t := &tally{c: h.cache}
+	defer logTally(r, t)
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
-		return h.refuse(w, http.StatusMethodNotAllowed, "method "+r.Method+" is not served by the cache")
+		return h.refuse(w, t, http.StatusMethodNotAllowed, "method "+r.Method+" is not served by the cache")
 	}
 	req, err := classify(r, h.origins)
 	if err != nil {
-		return h.refuse(w, http.StatusForbidden, err.Error())
+		return h.refuse(w, t, http.StatusForbidden, err.Error())
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		setPlaceholders(repl, req)
@@ -206,11 +208,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if store == nil {
 		// The store could not be opened (logged at start): still serve,
 		// without caching.
-		h.cache.stats.requests[statusBypass].Add(1)
+		t.answer(statusBypass)
 		w.Header().Set("Cache-Status", h.Name+"; fwd=bypass; detail=store-unavailable")
 		return next.ServeHTTP(w, r)
 	}
-	return h.serve(w, r, next, req, h.cache, store)
+	return h.serve(w, r, next, req, h.cache, store, t)
+}
+
+// logTally adds the request's cache status and byte sources to its access
+// log entry.
+func logTally(r *http.Request, t *tally) {
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok && t.answered {
+		extra.Add(zap.String("cache_status", t.status.String()))
+		extra.Add(zap.Int64("cache_bytes", t.hit))
+		extra.Add(zap.Int64("upstream_bytes", t.miss))
+	}
 }
 
 func setPlaceholders(repl *caddy.Replacer, req request) {
@@ -226,8 +238,8 @@ func setPlaceholders(repl *caddy.Replacer, req request) {
 }
 
 // refuse answers a request the cache does not serve, with a short reason.
-func (h *Handler) refuse(w http.ResponseWriter, status int, reason string) error {
-	h.cache.stats.requests[statusBypass].Add(1)
+func (h *Handler) refuse(w http.ResponseWriter, t *tally, status int, reason string) error {
+	t.answer(statusBypass)
 	hdr := w.Header()
 	hdr.Set("Content-Type", "text/plain; charset=utf-8")
 	hdr.Set("X-Content-Type-Options", "nosniff")

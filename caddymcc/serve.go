@@ -17,7 +17,7 @@ import (
 )
 
 // serve answers an allowed request from the store, filling what is missing.
-func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store) error {
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store, t *tally) error {
 	for attempt := 0; ; attempt++ {
 		obj, err := store.Get(req.key)
 		learned := false
@@ -26,9 +26,9 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			learned = true
 		}
 		if err != nil {
-			return h.upstreamError(w, r, c, err)
+			return h.upstreamError(w, r, t, err)
 		}
-		sent, err := h.respond(w, r, next, req, c, obj, learned)
+		sent, err := h.respond(w, r, next, req, c, obj, learned, t)
 		obj.Close()
 		switch {
 		case err == nil:
@@ -38,13 +38,13 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 			// start over on the new version.
 			continue
 		case !sent:
-			return h.upstreamError(w, r, c, err)
+			return h.upstreamError(w, r, t, err)
 		}
 		// Headers and perhaps bytes are out: the only honest end is to cut
 		// the connection, so the client sees a failed transfer rather than
 		// a short or mixed body.
 		if r.Context().Err() == nil {
-			c.stats.requests[statusError].Add(1)
+			t.answer(statusError)
 			h.logger.Warn("aborting response after upstream failure", zap.String("key", req.key), zap.Error(err))
 		}
 		panic(http.ErrAbortHandler)
@@ -103,7 +103,7 @@ func wantedSpan(s string) (start, end int64) {
 // respond answers r from obj, fetching missing blocks. sent reports whether
 // the status line went out, after which an error can only abort. learned
 // says the object was not stored when the request came.
-func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, learned bool) (sent bool, err error) {
+func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, learned bool, t *tally) (sent bool, err error) {
 	meta := obj.Meta()
 	size := meta.Length
 	hdr := w.Header()
@@ -121,7 +121,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 		metaKind = statusMiss
 	}
 	if code := checkPreconditions(r, meta.ETag, modtime); code != 0 {
-		c.stats.requests[metaKind].Add(1)
+		t.answer(metaKind)
 		hdr.Set("Cache-Status", metaStatus)
 		writeConditional(w, code)
 		return true, nil
@@ -132,7 +132,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	}
 	ranges, err := parseRange(rangeHeader, size)
 	if err != nil {
-		c.stats.requests[metaKind].Add(1)
+		t.answer(metaKind)
 		hdr.Set("Cache-Status", metaStatus)
 		if err == errNoOverlap {
 			hdr.Set("Content-Range", "bytes */"+strconv.FormatInt(size, 10))
@@ -173,7 +173,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 		status, kind = h.Name+"; fwd=miss", statusMiss
 	}
 	hdr.Set("Cache-Status", status)
-	c.stats.requests[kind].Add(1)
+	t.answer(kind)
 
 	if len(ranges) > 1 {
 		// Multipart answers are rare (no update client sends them): fetch
@@ -184,11 +184,11 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 				return false, err
 			}
 		}
-		counter := &c.stats.missBytes
 		if present {
-			counter = &c.stats.hitBytes
+			t.sentHit(sumRangesSize(ranges))
+		} else {
+			t.sentMiss(sumRangesSize(ranges))
 		}
-		counter.Add(sumRangesSize(ranges))
 		return true, serveFile(w, r, obj, modtime)
 	}
 
@@ -217,7 +217,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 		// Small hits read through the object's shared descriptor.
 		err := newSender(w, r).sendSmall(obj, rg.start, rg.length)
 		if err == nil {
-			c.stats.hitBytes.Add(rg.length)
+			t.sentHit(rg.length)
 		}
 		return true, err
 	}
@@ -229,16 +229,16 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if present {
 		err := newSender(w, r).send(file, rg.start, rg.length)
 		if err == nil {
-			c.stats.hitBytes.Add(rg.length)
+			t.sentHit(rg.length)
 		}
 		return true, err
 	}
-	return true, h.stream(w, r, next, req, c, obj, file, rg)
+	return true, h.stream(w, r, next, req, c, obj, file, rg, t)
 }
 
 // stream sends the bytes of rg, from present blocks and from fills as they
 // land on disk, fetching ahead of the client.
-func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, file *os.File, rg httpRange) error {
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, file *os.File, rg httpRange, t *tally) error {
 	out := newSender(w, r)
 	// Bytes already sent must reach the client before waiting for more.
 	flush := func() { http.NewResponseController(w).Flush() }
@@ -258,7 +258,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 			if err := out.send(file, pos, n); err != nil {
 				return err
 			}
-			c.stats.hitBytes.Add(n)
+			t.sentHit(n)
 			pos += n
 			continue
 		}
@@ -273,7 +273,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 			if err := out.send(file, pos, n); err != nil {
 				return err
 			}
-			c.stats.missBytes.Add(n)
+			t.sentMiss(n)
 			pos += n
 		}
 	}
@@ -366,13 +366,13 @@ func setEntityHeaders(hdr http.Header, m rangestore.Meta) {
 // upstreamError answers a request that failed before anything was sent.
 // Upstream failures are 502 or 504, never 4xx: Delivery Optimization agents
 // take a 4xx as "origin not served here" and stop asking for 15 minutes.
-func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, c *cache, err error) error {
+func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, t *tally, err error) error {
 	if r.Context().Err() != nil {
 		return err // the client left; nobody reads the answer
 	}
 	var pass *upstreamResponse
 	if errors.As(err, &pass) {
-		c.stats.requests[statusMiss].Add(1)
+		t.answer(statusMiss)
 		hdr := w.Header()
 		for k := range hdr {
 			delete(hdr, k)
@@ -388,7 +388,7 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, c *cache
 		}
 		return nil
 	}
-	c.stats.requests[statusError].Add(1)
+	t.answer(statusError)
 	w.Header().Set("Cache-Status", h.Name+"; fwd=miss; detail=upstream-error")
 	var he caddyhttp.HandlerError
 	if errors.As(err, &he) && he.StatusCode >= 500 {
