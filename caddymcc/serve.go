@@ -42,10 +42,11 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		}
 		// Headers and perhaps bytes are out: the only honest end is to cut
 		// the connection, so the client sees a failed transfer rather than
-		// a short or mixed body.
+		// a short or mixed body. (The error may also be the client's own
+		// connection failing.)
 		if r.Context().Err() == nil {
 			t.answer(statusError)
-			h.logger.Warn("aborting response after upstream failure", zap.String("key", req.key), zap.Error(err))
+			h.logger.Warn("cutting the response short", zap.String("key", req.key), zap.Error(err))
 		}
 		panic(http.ErrAbortHandler)
 	}
