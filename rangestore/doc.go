@@ -16,15 +16,20 @@
 //	journal-<seq>   append-only records since that snapshot (create, block, delete)
 //	data/xx/<gen>   one sparse file per object generation
 //
-// Opening replays the journal on top of the snapshot. Blocks committed after
-// the last snapshot are checked against their CRC-32C before they count as
-// present (their bytes may not have reached the disk before a crash); blocks
-// in a snapshot were fsynced before the snapshot was written. After a clean
-// Close the journal is empty and opening costs one snapshot read.
+// Opening replays the journal on top of the snapshot. Data files are synced
+// one snapshot late (by then the kernel has mostly written them back, and
+// data deleted meanwhile is never synced), so the blocks committed in the
+// journal and those the snapshot lists as not yet synced are checked against
+// their CRC-32C before they count as present: their bytes may not have
+// reached the disk before a crash. Older blocks are trusted without reading
+// them. After a clean Close the journal is empty, everything is synced, and
+// opening costs one snapshot read.
 //
 // The store keeps to a disk budget: MaxSize bytes of present blocks and
 // MinFree bytes free on the file system. Writes that would cross either evict
 // least-recently-used objects first. An object that a caller holds open is
 // never evicted; an invalidated object is unlinked when its last holder
-// closes it, so readers never see its bytes change.
+// closes it, so readers never see its bytes change. A full file system gives
+// errors wrapping ErrNoSpace, never a partial block, after evicting
+// least-recently-used objects so that the next attempt can succeed.
 package rangestore

@@ -112,11 +112,15 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return 0, io.EOF
 	}
+	if len(p) == 0 {
+		// Nothing to read, and possibly no data file yet to read it from.
+		return 0, nil
+	}
 	want := min(int64(len(p)), o.e.meta.Length-off)
 	if !o.Present(off, want) {
 		return 0, ErrNotPresent
 	}
-	f, err := o.readFile()
+	f, err := o.e.sharedFile(o.s)
 	if err != nil {
 		return 0, err
 	}
@@ -127,18 +131,26 @@ func (o *Object) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
-func (o *Object) readFile() (*os.File, error) {
-	e := o.e
+// sharedFile returns the descriptor of e's data file shared by its readers
+// and block writers, opening it on first use; the caller holds a reference
+// to e, which keeps it open. The fast path is one atomic load, so readers of
+// a hot object do not serialise on a lock, and writers open no file per
+// block.
+func (e *entry) sharedFile(s *Store) (*os.File, error) {
+	if f := e.file.Load(); f != nil {
+		return f, nil
+	}
 	e.rmu.Lock()
 	defer e.rmu.Unlock()
-	if e.rfile == nil {
-		f, err := os.Open(o.s.dataPath(e.gen))
-		if err != nil {
-			return nil, fmt.Errorf("rangestore: %w", err)
-		}
-		e.rfile = f
+	if f := e.file.Load(); f != nil {
+		return f, nil
 	}
-	return e.rfile, nil
+	f, err := os.OpenFile(s.dataPath(e.gen), os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("rangestore: %w", err)
+	}
+	e.file.Store(f)
+	return f, nil
 }
 
 // Open returns a new read-only descriptor of the object's data file, with
@@ -147,11 +159,32 @@ func (o *Object) readFile() (*os.File, error) {
 // meaningful: check Present first. The caller closes it; it stays valid
 // after the object is invalidated.
 func (o *Object) Open() (*os.File, error) {
+	if err := o.ensureFile(); err != nil {
+		return nil, err
+	}
 	f, err := os.Open(o.s.dataPath(o.e.gen))
 	if err != nil {
 		return nil, fmt.Errorf("rangestore: %w", err)
 	}
 	return f, nil
+}
+
+// ensureFile creates the sparse data file of an object nothing was written
+// to yet (an empty object, say), so Open can serve it.
+func (o *Object) ensureFile() error {
+	s, e := o.s, o.e
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e.hasFile || e.deleted {
+		// A deleted object without a file has no bytes to serve; the
+		// open below fails.
+		return nil
+	}
+	if err := createSparse(s.dataPath(e.gen), e.meta.Length); err != nil {
+		return err
+	}
+	e.hasFile = true
+	return nil
 }
 
 // Close releases the handle. It is safe to call more than once.
@@ -167,7 +200,8 @@ func (o *Object) Close() error {
 // time (ErrBlockBusy), a present block cannot be rewritten
 // (ErrBlockPresent), and the block's bytes are reserved against the disk
 // budget first, evicting least-recently-used objects if needed (ErrNoSpace
-// when that is not enough). The writer must be committed or aborted.
+// when that is not enough). The writer must be committed or aborted; until
+// then it holds the object open, like a handle.
 func (o *Object) WriteBlock(i int) (*BlockWriter, error) {
 	s, e := o.s, o.e
 	if i < 0 || i >= e.nblocks {
@@ -194,15 +228,19 @@ func (o *Object) WriteBlock(i int) (*BlockWriter, error) {
 	if !e.hasFile {
 		if err := createSparse(path, e.meta.Length); err != nil {
 			s.reserved -= n
+			if isNoSpace(err) {
+				s.evictBytes(n, e)
+			}
 			return nil, err
 		}
 		e.hasFile = true
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	f, err := e.sharedFile(s)
 	if err != nil {
 		s.reserved -= n
-		return nil, fmt.Errorf("rangestore: %w", err)
+		return nil, err
 	}
+	e.refs++ // released by Commit or Abort
 	if e.writing == nil {
 		e.writing = make(map[int]struct{})
 	}
@@ -238,6 +276,7 @@ type BlockWriter struct {
 	f       *os.File
 	crc     uint32
 	written int64
+	tried   bool // Write was called, so bytes may be on disk
 	done    bool
 }
 
@@ -249,7 +288,9 @@ func (w *BlockWriter) Written() int64 { return w.written }
 
 // Write appends p to the block. Writing past the block's length is an
 // error. A full disk returns an error wrapping ErrNoSpace, after evicting
-// enough least-recently-used data for the next attempt.
+// enough least-recently-used data for the next attempt; the write can then
+// go on from Written. Writes of 256 KiB or more are checksummed while the
+// kernel copies them, so a caller that can should write in large pieces.
 func (w *BlockWriter) Write(p []byte) (int, error) {
 	if w.done {
 		return 0, fmt.Errorf("rangestore: write after commit or abort")
@@ -257,8 +298,24 @@ func (w *BlockWriter) Write(p []byte) (int, error) {
 	if int64(len(p)) > w.n-w.written {
 		return 0, fmt.Errorf("rangestore: %d bytes overflow block %d (%d of %d written)", len(p), w.i, w.written, w.n)
 	}
-	n, err := w.f.WriteAt(p, w.off+w.written)
-	w.crc = crc32.Update(w.crc, castagnoli, p[:n])
+	w.tried = true
+	var n int
+	var err error
+	if len(p) >= parallelCRC {
+		// Checksum while the kernel copies: for a large write that takes
+		// the checksum off the block's latency.
+		sum := make(chan uint32, 1)
+		go func(crc uint32) { sum <- crc32.Update(crc, castagnoli, p) }(w.crc)
+		n, err = w.f.WriteAt(p, w.off+w.written)
+		crc := <-sum
+		if n < len(p) {
+			crc = crc32.Update(w.crc, castagnoli, p[:n])
+		}
+		w.crc = crc
+	} else {
+		n, err = w.f.WriteAt(p, w.off+w.written)
+		w.crc = crc32.Update(w.crc, castagnoli, p[:n])
+	}
 	w.written += int64(n)
 	if err != nil {
 		err = noSpace(err)
@@ -283,10 +340,10 @@ func (w *BlockWriter) Commit() error {
 		return fmt.Errorf("%w: block %d has %d of %d bytes", ErrShortBlock, w.i, w.written, w.n)
 	}
 	w.done = true
-	w.f.Close()
 	s, e := w.o.s, w.o.e
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	defer s.releaseLocked(e)
 	delete(e.writing, w.i)
 	s.reserved -= w.n
 	switch {
@@ -301,13 +358,16 @@ func (w *BlockWriter) Commit() error {
 	s.enc.uint(uint64(w.i))
 	s.enc.u32(w.crc)
 	if err := s.appendRecord(); err != nil {
+		// The block stays missing; give its disk space back, which on a
+		// full disk is what the next attempt needs.
+		w.punch()
 		return err
 	}
 	e.crc[w.i] = w.crc
 	e.set(w.i)
 	e.presentBytes += w.n
 	s.used += w.n
-	s.dirty[e.gen] = struct{}{}
+	s.recent = append(s.recent, blockRef{e, w.i})
 	return nil
 }
 
@@ -318,17 +378,28 @@ func (w *BlockWriter) Abort() {
 		return
 	}
 	w.done = true
-	if w.written > 0 {
-		// Give back the disk space of the partial block.
-		syscall.Fallocate(int(w.f.Fd()), fallocPunchHole|fallocKeepSize, w.off, w.written)
-	}
-	w.f.Close()
+	w.punch()
 	s, e := w.o.s, w.o.e
 	s.mu.Lock()
 	delete(e.writing, w.i)
 	s.reserved -= w.n
+	s.releaseLocked(e)
 	s.mu.Unlock()
 }
+
+// punch gives back the disk space of the block, which is not present.
+// The whole block, not only the bytes counted as written: a short write that
+// fails (on a full disk, say) may have stored more than os.File.WriteAt
+// reports.
+func (w *BlockWriter) punch() {
+	if w.tried {
+		syscall.Fallocate(int(w.f.Fd()), fallocPunchHole|fallocKeepSize, w.off, w.n)
+	}
+}
+
+// parallelCRC is the size of a write from which Write checksums it
+// concurrently with writing it.
+const parallelCRC = 256 << 10
 
 const (
 	fallocKeepSize  = 0x1 // FALLOC_FL_KEEP_SIZE

@@ -63,6 +63,14 @@ func (d *decoder) uint() uint64 {
 	return v
 }
 
+// optionalUint is uint, reading 0 at the end of the input.
+func (d *decoder) optionalUint() uint64 {
+	if len(d.b) == 0 {
+		return 0
+	}
+	return d.uint()
+}
+
 func (d *decoder) int() int64 {
 	v, n := binary.Varint(d.b)
 	if n <= 0 {

@@ -42,15 +42,29 @@ func (s *Store) snapshotLoop() {
 		changed := s.changes > 0
 		s.mu.Unlock()
 		if changed {
-			s.snapshot()
+			s.snapshot(false)
 		}
 	}
 }
 
+// testHookSnapshot, when set by a test, is called at each step of a
+// snapshot so a crash test can kill the process exactly there.
+var testHookSnapshot func(step string)
+
 // snapshot writes the whole index to a new index file and starts a new
-// journal. Data files written since the last snapshot are fsynced first, so
-// blocks in a snapshot need no checking after a crash.
-func (s *Store) snapshot() error {
+// journal.
+//
+// Data is synced one snapshot late: the blocks committed since the last
+// snapshot are listed in the new index as not yet synced (Open verifies
+// them), and it is the blocks the last snapshot listed so that are synced
+// now, before the new index replaces it. By then the kernel has usually
+// written them back, and data deleted meanwhile is never synced at all. The
+// final snapshot of Close syncs everything, so a cleanly closed store opens
+// without verifying anything.
+//
+// With final set, the store is marked closed in the same critical section
+// that captures the index, so nothing can be journalled after it.
+func (s *Store) snapshot(final bool) error {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 
@@ -65,18 +79,57 @@ func (s *Store) snapshot() error {
 		s.mu.Unlock()
 		return fmt.Errorf("rangestore: snapshot: %w", noSpace(err))
 	}
-	body := s.encodeIndex(seq)
-	dirty := s.dirty
-	s.dirty = make(map[uint64]struct{})
+	sync := s.unsynced
+	listed := s.recent
+	if final {
+		sync, listed = append(sync, listed...), nil
+	}
+	listed = live(listed)
+	gens := make(map[uint64]struct{})
+	for _, b := range sync {
+		if !b.e.deleted {
+			gens[b.e.gen] = struct{}{}
+		}
+	}
+	body := s.encodeIndex(seq, listed)
+	s.unsynced, s.recent = listed, nil
 	prev, prevSeq := s.journal, s.seq
 	s.journal, s.seq, s.changes = next, seq, 0
+	s.jsize, s.jtorn = 0, false
+	if final {
+		s.closed = true
+	}
 	s.mu.Unlock()
+	hook := testHookSnapshot
+	if hook != nil {
+		hook("journal-swapped")
+	}
 
-	for gen := range dirty {
-		if f, err := os.OpenFile(s.dataPath(gen), os.O_WRONLY, 0); err == nil {
-			f.Sync()
-			f.Close()
+	var serr error
+	for gen := range gens {
+		f, err := os.OpenFile(s.dataPath(gen), os.O_WRONLY, 0)
+		if err != nil {
+			continue // gone meanwhile: nothing to sync
 		}
+		if err := f.Sync(); err != nil && serr == nil {
+			serr = fmt.Errorf("rangestore: snapshot: syncing data: %w", err)
+		}
+		f.Close()
+	}
+	if serr != nil {
+		// The new index would trust blocks that may not be on disk. Keep
+		// the old one, which lists them (or whose journal does), and try
+		// them again next time.
+		if prev != nil {
+			prev.Close()
+		}
+		s.mu.Lock()
+		s.unsynced = append(s.unsynced, sync...)
+		s.mu.Unlock()
+		return serr
+	}
+	if hook != nil {
+		hook("data-synced")
 	}
 	err = writeFileAtomic(filepath.Join(s.dir, "index"), compressIndex(body))
 	if prev != nil {
@@ -86,13 +139,33 @@ func (s *Store) snapshot() error {
 		// The previous journal stays; Open replays both.
 		return err
 	}
+	if hook != nil {
+		hook("index-renamed")
+	}
 	os.Remove(s.journalPath(prevSeq))
 	return nil
 }
 
-// encodeIndex returns the uncompressed index body. s.mu must be held.
-func (s *Store) encodeIndex(seq uint64) []byte {
-	e := encoder{b: make([]byte, 0, 64+len(s.objects)*96)}
+// live returns the blocks of refs still present in objects not deleted,
+// reusing refs' array.
+func live(refs []blockRef) []blockRef {
+	out := refs[:0]
+	for _, b := range refs {
+		if !b.e.deleted && b.e.has(b.i) {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// encodeIndex returns the uncompressed index body: every object, then the
+// blocks not yet synced. It appends to s.ibuf[:0], so the body is valid
+// until the next call. s.snapMu and s.mu must be held.
+func (s *Store) encodeIndex(seq uint64, unsynced []blockRef) []byte {
+	if want := 64 + len(s.objects)*160; cap(s.ibuf) < want {
+		s.ibuf = make([]byte, 0, want)
+	}
+	e := encoder{b: s.ibuf[:0]}
 	e.uint(seq)
 	e.uint(uint64(s.blockSize))
 	e.uint(s.nextGen)
@@ -111,6 +184,12 @@ func (s *Store) encodeIndex(seq uint64) []byte {
 			}
 		}
 	}
+	e.uint(uint64(len(unsynced)))
+	for _, b := range unsynced {
+		e.uint(b.e.gen)
+		e.uint(uint64(b.i))
+	}
+	s.ibuf = e.b
 	return e.b
 }
 
@@ -124,35 +203,37 @@ func compressIndex(body []byte) []byte {
 
 var errBadIndex = errors.New("rangestore: index file is damaged")
 
-// readIndex loads the index file, if any, into s and returns its sequence.
-func (s *Store) readIndex() (uint64, error) {
+// readIndex loads the index file, if any, into s and returns its sequence
+// and the blocks it lists as not yet synced.
+func (s *Store) readIndex() (uint64, []blockRef, error) {
 	raw, err := os.ReadFile(filepath.Join(s.dir, "index"))
 	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
+		return 0, nil, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("rangestore: %w", err)
+		return 0, nil, fmt.Errorf("rangestore: %w", err)
 	}
 	if !bytes.HasPrefix(raw, []byte(indexMagic)) || len(raw) < len(indexMagic)+4 {
-		return 0, errBadIndex
+		return 0, nil, errBadIndex
 	}
 	dec, _ := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1))
 	defer dec.Close()
 	body, err := dec.DecodeAll(raw[len(indexMagic):len(raw)-4], nil)
 	if err != nil {
-		return 0, fmt.Errorf("%w: %v", errBadIndex, err)
+		return 0, nil, fmt.Errorf("%w: %v", errBadIndex, err)
 	}
 	d := decoder{b: raw[len(raw)-4:]}
 	if d.u32() != crc32.Checksum(body, castagnoli) {
-		return 0, errBadIndex
+		return 0, nil, errBadIndex
 	}
 	d = decoder{b: body}
 	seq := d.uint()
 	if bs := int64(d.uint()); bs != s.blockSize && d.err == nil {
-		return 0, blockSizeError(s.dir, bs, s.blockSize)
+		return 0, nil, blockSizeError(s.dir, bs, s.blockSize)
 	}
 	s.nextGen = d.uint()
 	n := d.uint()
+	byGen := make(map[uint64]*entry, min(n, uint64(len(body))))
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		gen := d.uint()
 		key := d.string()
@@ -178,24 +259,28 @@ func (s *Store) readIndex() (uint64, error) {
 		}
 		e.hasFile = e.presentBytes > 0
 		s.objects[key] = e
+		byGen[gen] = e
+	}
+	var unsynced []blockRef
+	// Indexes written before blocks were synced late end here.
+	for n := d.optionalUint(); n > 0 && d.err == nil; n-- {
+		gen, i := d.uint(), int(d.uint())
+		if e := byGen[gen]; e != nil && i >= 0 && i < e.nblocks && e.has(i) {
+			unsynced = append(unsynced, blockRef{e, i})
+		}
 	}
 	if d.err != nil {
-		return 0, fmt.Errorf("%w: %v", errBadIndex, d.err)
+		return 0, nil, fmt.Errorf("%w: %v", errBadIndex, d.err)
 	}
-	return seq, nil
-}
-
-// suspect is a block committed after the last snapshot, to be verified.
-type suspect struct {
-	e *entry
-	i int
+	return seq, unsynced, nil
 }
 
 // recover loads the index, replays the journals after it, verifies the
-// blocks they committed, removes data files nothing refers to, and leaves an
-// empty journal open for appending.
+// blocks not known to be synced (those the index lists and those the
+// journals committed), removes data files nothing refers to, and leaves a
+// journal of whole records open for appending.
 func (s *Store) recover() error {
-	seq, err := s.readIndex()
+	seq, unsynced, err := s.readIndex()
 	if err != nil {
 		return err
 	}
@@ -206,8 +291,9 @@ func (s *Store) recover() error {
 	for _, e := range s.objects {
 		byGen[e.gen] = e
 	}
-	var suspects []suspect
-	replayed := 0
+	var journalled []blockRef
+	replayed := false
+	var whole, size int64 // of the last journal: bytes of whole records, all bytes
 	for j := seq; ; j++ {
 		raw, err := os.ReadFile(s.journalPath(j))
 		if errors.Is(err, os.ErrNotExist) {
@@ -216,29 +302,31 @@ func (s *Store) recover() error {
 		if err != nil {
 			return fmt.Errorf("rangestore: %w", err)
 		}
+		size = int64(len(raw))
 		for len(raw) > 0 {
 			payload, rest, ok := unframe(raw)
 			if !ok {
 				break // a torn tail: everything after it is lost
 			}
 			raw = rest
-			replayed++
-			suspects = s.apply(payload, byGen, suspects)
+			replayed = true
+			journalled = s.apply(payload, byGen, journalled)
 		}
+		whole = size - int64(len(raw))
 		s.seq = j
 	}
 
-	for _, b := range suspects {
-		if !b.e.has(b.i) || b.e.deleted {
-			continue
-		}
-		if !s.verify(b.e, b.i) {
+	// Verified after the whole replay, against the last checksum recorded.
+	for _, b := range append(unsynced, journalled...) {
+		if b.e.has(b.i) && !b.e.deleted && !s.verify(b.e, b.i) {
 			b.e.clear(b.i)
 			b.e.presentBytes -= s.blockLen(b.e.meta.Length, b.i)
 		}
-		s.dirty[b.e.gen] = struct{}{}
 	}
 	s.removeOrphans()
+	// Still not known to be synced: the next snapshot syncs those the
+	// index lists, and lists the journalled ones.
+	s.unsynced, s.recent = live(unsynced), live(journalled)
 
 	// Oldest first, so the most recently used ends at the front.
 	all := make([]*entry, 0, len(s.objects))
@@ -255,17 +343,28 @@ func (s *Store) recover() error {
 	if err != nil {
 		return fmt.Errorf("rangestore: %w", err)
 	}
-	s.journal = j
-	if replayed > 0 {
-		// Start from a clean snapshot: replayed records may end in a torn
-		// tail that later appends must not follow.
-		return s.snapshot()
+	s.journal, s.jsize = j, whole
+	if whole < size {
+		// Appends must not follow a torn tail, where the next Open would
+		// stop reading. Cutting it off needs no space, unlike the snapshot
+		// below, so a full disk does not keep the store from opening.
+		if err := j.Truncate(whole); err != nil {
+			s.jtorn = true
+		}
+	}
+	if replayed || s.jtorn {
+		// Fold the journal into a snapshot and start an empty one. On a
+		// full disk the journal will do.
+		if err := s.snapshot(false); err != nil && (s.jtorn || !isNoSpace(err)) {
+			return err
+		}
 	}
 	return nil
 }
 
-// apply replays one journal record.
-func (s *Store) apply(payload []byte, byGen map[uint64]*entry, suspects []suspect) []suspect {
+// apply replays one journal record, adding the blocks it commits to
+// journalled.
+func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []blockRef) []blockRef {
 	d := decoder{b: payload}
 	switch d.byte() {
 	case recCreate:
@@ -274,7 +373,7 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, suspects []suspec
 		m := d.meta()
 		d.int()
 		if d.err != nil || m.Length < 0 {
-			return suspects
+			return journalled
 		}
 		if old := s.objects[key]; old != nil {
 			old.deleted = true
@@ -288,15 +387,19 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, suspects []suspec
 	case recBlock:
 		gen, i, sum := d.uint(), int(d.uint()), d.u32()
 		e := byGen[gen]
-		if d.err != nil || e == nil || i < 0 || i >= e.nblocks || e.has(i) {
-			return suspects
+		if d.err != nil || e == nil || i < 0 || i >= e.nblocks {
+			return journalled
 		}
-		e.set(i)
+		// A block is committed twice only when recovery dropped it and
+		// could not snapshot that; the later record has its bytes.
 		e.crc[i] = sum
-		e.presentBytes += s.blockLen(e.meta.Length, i)
+		if !e.has(i) {
+			e.set(i)
+			e.presentBytes += s.blockLen(e.meta.Length, i)
+		}
 		e.hasFile = true
 		e.lastAccess = time.Now().UnixNano()
-		suspects = append(suspects, suspect{e, i})
+		journalled = append(journalled, blockRef{e, i})
 	case recDelete:
 		gen := d.uint()
 		if e := byGen[gen]; e != nil && d.err == nil {
@@ -305,7 +408,7 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, suspects []suspec
 			delete(byGen, gen)
 		}
 	}
-	return suspects
+	return journalled
 }
 
 // verify reports whether block i of e reads back with its checksum.
@@ -358,7 +461,10 @@ func (s *Store) removeOrphans() {
 				e.present[i].Store(0)
 			}
 			e.presentBytes = 0
-			e.hasFile = false
 		}
+		// An object may have a data file without present blocks (its
+		// writes were aborted or lost); remembering it lets eviction
+		// remove the file.
+		e.hasFile = found[gen]
 	}
 }

@@ -107,8 +107,11 @@ type Store struct {
 	opts      Options
 	lock      *os.File
 
-	// snapMu serialises snapshots.
+	// snapMu serialises snapshots and guards ibuf, the index body buffer
+	// they reuse: encoding into a buffer already grown to size keeps the
+	// time s.mu is held short.
 	snapMu sync.Mutex
+	ibuf   []byte
 
 	mu        sync.Mutex
 	objects   map[string]*entry
@@ -118,11 +121,21 @@ type Store struct {
 	reserved  int64
 	evictions int64
 	journal   *os.File
+	jsize     int64 // bytes of whole records in journal
+	jtorn     bool  // journal ends in a torn record that could not be cut off
 	seq       uint64
-	changes   int                 // journal records since the last snapshot
-	dirty     map[uint64]struct{} // generations written since the last snapshot
-	closed    bool
-	enc       encoder
+	changes   int // journal records since the last snapshot
+	// Blocks are synced to disk one snapshot late, so a snapshot rarely
+	// waits for writeback (and never for data deleted meanwhile): recent
+	// are the blocks committed since the last snapshot, unsynced those the
+	// last snapshot lists as not yet synced. Open verifies both.
+	recent   []blockRef
+	unsynced []blockRef
+	closing  bool // Close has begun; a second Close must not race it
+	closed   bool
+	noEvict  bool // appendRecord must not evict to make room (see remove)
+	enc      encoder
+	fbuf     []byte // framing buffer for appendRecord
 
 	kick chan struct{}
 	stop chan struct{}
@@ -147,8 +160,17 @@ type entry struct {
 	lastAccess   int64 // unix nanoseconds
 	elem         *list.Element
 
-	rmu   sync.Mutex
-	rfile *os.File // shared read-only descriptor for ReadAt while refs > 0
+	// file is a descriptor of the data file shared by readers and block
+	// writers while refs > 0. It is loaded without locks on the read path;
+	// rmu serialises opening and closing it.
+	rmu  sync.Mutex
+	file atomic.Pointer[os.File]
+}
+
+// blockRef names block i of e.
+type blockRef struct {
+	e *entry
+	i int
 }
 
 func (e *entry) has(i int) bool { return e.present[i>>6].Load()&(1<<(i&63)) != 0 }
@@ -192,7 +214,6 @@ func Open(dir string, opts Options) (*Store, error) {
 		opts:      opts,
 		lock:      lock,
 		objects:   make(map[string]*entry),
-		dirty:     make(map[uint64]struct{}),
 		kick:      make(chan struct{}, 1),
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
@@ -202,6 +223,9 @@ func Open(dir string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	if err := s.recover(); err != nil {
+		if s.journal != nil {
+			s.journal.Close()
+		}
 		lock.Close()
 		return nil, err
 	}
@@ -372,15 +396,19 @@ func (s *Store) touch(e *entry) {
 func (s *Store) release(e *entry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.releaseLocked(e)
+}
+
+// releaseLocked is release with s.mu held.
+func (s *Store) releaseLocked(e *entry) {
 	e.refs--
 	if e.refs > 0 {
 		return
 	}
 	s.touch(e)
 	e.rmu.Lock()
-	if e.rfile != nil {
-		e.rfile.Close()
-		e.rfile = nil
+	if f := e.file.Swap(nil); f != nil {
+		f.Close()
 	}
 	e.rmu.Unlock()
 	if e.deleted {
@@ -388,10 +416,26 @@ func (s *Store) release(e *entry) {
 	}
 }
 
-// appendRecord frames s.enc.b into the journal. s.mu must be held.
+// appendRecord frames s.enc.b into the journal. When the file system is
+// full it evicts least-recently-used objects and tries once more, so a full
+// disk does not wedge the store. s.mu must be held.
 func (s *Store) appendRecord() error {
-	if _, err := s.journal.Write(frame(nil, s.enc.b)); err != nil {
-		return fmt.Errorf("rangestore: journal: %w", noSpace(err))
+	if s.closed {
+		return ErrClosed
+	}
+	s.fbuf = frame(s.fbuf[:0], s.enc.b)
+	err := s.writeJournal(s.fbuf)
+	if isNoSpace(err) && !s.noEvict {
+		// Evicting journals delete records through this function, which
+		// reuses s.enc and s.fbuf: keep our record aside.
+		rec := append([]byte(nil), s.fbuf...)
+		freed := s.evictBytes(s.blockSize, nil)
+		if freed > 0 {
+			err = s.writeJournal(rec)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("rangestore: journal: %w", err)
 	}
 	s.changes++
 	if s.changes == snapshotRecords {
@@ -403,9 +447,35 @@ func (s *Store) appendRecord() error {
 	return nil
 }
 
+// writeJournal appends one framed record. A failed or short write is cut
+// off again, so the journal stays a sequence of whole records and later
+// appends are not stranded behind a torn one that Open would stop at.
+// s.mu must be held.
+func (s *Store) writeJournal(rec []byte) error {
+	if s.jtorn {
+		return fmt.Errorf("rangestore: journal ends in a torn record until the next snapshot")
+	}
+	n, err := s.journal.Write(rec)
+	if err == nil {
+		s.jsize += int64(n)
+		return nil
+	}
+	if n > 0 {
+		if terr := s.journal.Truncate(s.jsize); terr != nil {
+			// The journal now ends in a torn record that would hide every
+			// later one; refuse further records until the next snapshot
+			// starts a fresh journal.
+			s.jtorn = true
+			return fmt.Errorf("%w (and truncating the torn record: %v)", noSpace(err), terr)
+		}
+	}
+	return noSpace(err)
+}
+
 // snapshotRecords is how many journal records trigger a snapshot before the
 // interval is up, bounding both the journal and the blocks to verify after a
-// crash (at most this many blocks).
+// crash: at most twice this many, those of the journal and those the last
+// snapshot lists as not yet synced.
 const snapshotRecords = 4096
 
 // remove takes e out of the index and journals its deletion; its data goes
@@ -418,15 +488,22 @@ func (s *Store) remove(e *entry) {
 	delete(s.objects, e.key)
 	s.lru.Remove(e.elem)
 	e.elem = nil
-	s.enc.b = s.enc.b[:0]
-	s.enc.byte(recDelete)
-	s.enc.uint(e.gen)
-	// A lost delete record is harmless: Open drops entries whose data file
-	// is gone.
-	_ = s.appendRecord()
+	// Unlinking first frees the space a full disk needs for the record.
+	// Either order is safe in a crash: Open removes data files of deleted
+	// generations, and forgets the blocks of entries whose file is gone.
 	if e.refs == 0 {
 		s.unlink(e)
 	}
+	s.enc.b = s.enc.b[:0]
+	s.enc.byte(recDelete)
+	s.enc.uint(e.gen)
+	// A lost delete record is harmless when the data file is gone (the
+	// object comes back empty), so a full disk must not make it evict
+	// others, which would recurse here.
+	noEvict := s.noEvict
+	s.noEvict = true
+	_ = s.appendRecord()
+	s.noEvict = noEvict
 }
 
 func (s *Store) unlink(e *entry) {
@@ -436,7 +513,6 @@ func (s *Store) unlink(e *entry) {
 	}
 	s.used -= e.presentBytes
 	e.presentBytes = 0
-	delete(s.dirty, e.gen)
 }
 
 // Invalidate removes the object key; it reports whether there was one.
@@ -444,6 +520,10 @@ func (s *Store) unlink(e *entry) {
 func (s *Store) Invalidate(key string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		// The directory may already belong to another Store.
+		return false
+	}
 	e := s.objects[key]
 	if e == nil {
 		return false
@@ -457,6 +537,9 @@ func (s *Store) Invalidate(key string) bool {
 func (s *Store) Purge(prefix string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return 0
+	}
 	n := 0
 	for k, e := range s.objects {
 		if strings.HasPrefix(k, prefix) {
@@ -495,17 +578,23 @@ func (s *Store) Stats() Stats {
 }
 
 // Close writes a final snapshot and releases the directory. Objects still
-// open stay readable; writes to them fail.
+// open stay readable; writes to them fail with ErrClosed, as do Get and
+// Create, and Invalidate and Purge do nothing. A second Close returns
+// ErrClosed.
 func (s *Store) Close() error {
 	s.mu.Lock()
-	if s.closed {
+	if s.closing {
 		s.mu.Unlock()
 		return ErrClosed
 	}
+	s.closing = true
 	s.mu.Unlock()
 	close(s.stop)
 	<-s.done
-	err := s.snapshot()
+	// The final snapshot marks the store closed in the same critical
+	// section that captures the index, so no commit can land in the journal
+	// after it and a clean Close leaves nothing to replay.
+	err := s.snapshot(true)
 	s.mu.Lock()
 	s.closed = true
 	jerr := s.journal.Close()
