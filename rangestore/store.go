@@ -116,6 +116,7 @@ type Store struct {
 	mu        sync.Mutex
 	objects   map[string]*entry
 	lru       list.List // of *entry, most recently used at the front
+	idle      list.List // of *entry nobody holds whose descriptor is open, newest first
 	nextGen   uint64
 	used      int64
 	reserved  int64
@@ -164,6 +165,7 @@ type entry struct {
 	// writers while refs > 0. It is loaded without locks on the read path;
 	// rmu serialises opening and closing it.
 	rmu  sync.Mutex
+	idle *list.Element // in Store.idle; guarded by Store.mu
 	file atomic.Pointer[os.File]
 }
 
@@ -379,6 +381,10 @@ func cloneMeta(m Meta) Meta {
 
 // ref takes a reference to e for a new Object handle. s.mu must be held.
 func (s *Store) ref(e *entry) *Object {
+	if e.idle != nil {
+		s.idle.Remove(e.idle)
+		e.idle = nil
+	}
 	e.refs++
 	s.touch(e)
 	return &Object{s: s, e: e}
@@ -406,13 +412,34 @@ func (s *Store) releaseLocked(e *entry) {
 		return
 	}
 	s.touch(e)
+	if e.deleted {
+		s.unlink(e)
+		return
+	}
+	// Keep the descriptor of a recently used object open, so its next
+	// reader (a hit) does not pay an open(2) and close(2).
+	if e.file.Load() != nil {
+		e.idle = s.idle.PushFront(e)
+		if s.idle.Len() > maxIdleFiles {
+			s.closeFile(s.idle.Back().Value.(*entry))
+		}
+	}
+}
+
+// maxIdleFiles bounds the descriptors kept open for objects nobody holds.
+const maxIdleFiles = 256
+
+// closeFile closes e's shared descriptor; nobody may hold e. s.mu must be
+// held.
+func (s *Store) closeFile(e *entry) {
 	e.rmu.Lock()
 	if f := e.file.Swap(nil); f != nil {
 		f.Close()
 	}
 	e.rmu.Unlock()
-	if e.deleted {
-		s.unlink(e)
+	if e.idle != nil {
+		s.idle.Remove(e.idle)
+		e.idle = nil
 	}
 }
 
@@ -507,6 +534,7 @@ func (s *Store) remove(e *entry) {
 }
 
 func (s *Store) unlink(e *entry) {
+	s.closeFile(e)
 	if e.hasFile {
 		os.Remove(s.dataPath(e.gen))
 		e.hasFile = false
@@ -598,6 +626,9 @@ func (s *Store) Close() error {
 	s.mu.Lock()
 	s.closed = true
 	jerr := s.journal.Close()
+	for s.idle.Len() > 0 {
+		s.closeFile(s.idle.Front().Value.(*entry))
+	}
 	s.mu.Unlock()
 	s.lock.Close()
 	return errors.Join(err, jerr)

@@ -1,0 +1,59 @@
+package rangestore
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+)
+
+// openDataFiles counts this process's descriptors on the store's data files.
+func openDataFiles(t *testing.T, s *Store) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd")
+	}
+	n := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && strings.HasPrefix(target, s.dir+"/data/") {
+			n++
+		}
+	}
+	return n
+}
+
+func TestIdleDescriptorsStayOpenUpToTheBound(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{BlockSize: MinBlockSize})
+	const objects = maxIdleFiles + 44
+	for i := 0; i < objects; i++ {
+		o := create(t, s, fmt.Sprint("k", i), metaV(100, 1))
+		writeBlock(t, o, 0, 100)
+		checkObject(t, o) // reads through the shared descriptor
+		o.Close()
+	}
+	if n := openDataFiles(t, s); n != maxIdleFiles {
+		t.Fatalf("%d data descriptors open after reading %d objects, want the bound %d", n, objects, maxIdleFiles)
+	}
+	// An idle object that is invalidated loses its descriptor and its file.
+	o, err := s.Get(fmt.Sprint("k", objects-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkObject(t, o)
+	o.Close()
+	path := s.dataPath(o.ID())
+	s.Invalidate(o.Key())
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("invalidated idle object's data file still there: %v", err)
+	}
+	if n := openDataFiles(t, s); n != maxIdleFiles-1 {
+		t.Fatalf("%d data descriptors open after invalidating an idle one, want %d", n, maxIdleFiles-1)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := openDataFiles(t, s); n != 0 {
+		t.Fatalf("%d data descriptors open after Close", n)
+	}
+}
