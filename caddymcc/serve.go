@@ -270,6 +270,15 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 			if err != nil {
 				return err
 			}
+			// Keeping pace with a fill would mean one small send per
+			// upstream read (32 KiB in reverse_proxy): let a few more
+			// reads gather first. Bounded by reads, not time, so a slow
+			// upstream still trickles through.
+			for i := 0; i < coalesceReads && avail-pos < coalesceBytes && avail < segEnd; i++ {
+				if avail, err = f.await(r.Context(), avail, flush); err != nil {
+					return err
+				}
+			}
 			n := min(avail, segEnd) - pos
 			if err := out.send(file, pos, n); err != nil {
 				return err
@@ -280,6 +289,13 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	}
 	return nil
 }
+
+// A client streaming from a fill sends at least coalesceBytes at a time,
+// or what coalesceReads more upstream reads brought.
+const (
+	coalesceBytes = 256 << 10
+	coalesceReads = 8
+)
 
 // fetch makes every block of rg present, waiting for the fills.
 func (h *Handler) fetch(r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, rg httpRange) error {
