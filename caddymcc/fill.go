@@ -132,6 +132,13 @@ func (f *fill) await(ctx context.Context, cur int64, idle func()) (int64, error)
 	}
 }
 
+// progress returns the offset up to which bytes are on disk now.
+func (f *fill) progress() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.pos
+}
+
 // startFill builds the subrequest for blocks [first, last] from the client
 // request r and runs it in the background. c.mu must be held; the caller
 // registers the fill's claims.
@@ -449,6 +456,9 @@ func (w *fillWriter) store(p []byte) error {
 				w.release(b)
 				return err
 			}
+			// Waiters send these bytes from the data file as they land;
+			// a failed fill must not punch them out under them.
+			bw.KeepBytes()
 			w.bw = bw
 		}
 		if w.bw != nil {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -271,13 +272,12 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 				return err
 			}
 			// Keeping pace with a fill would mean one small send per
-			// upstream read (32 KiB in reverse_proxy): let a few more
-			// reads gather first. Bounded by reads, not time, so a slow
-			// upstream still trickles through.
-			for i := 0; i < coalesceReads && avail-pos < coalesceBytes && avail < segEnd; i++ {
-				if avail, err = f.await(r.Context(), avail, flush); err != nil {
-					return err
-				}
+			// upstream read (32 KiB in reverse_proxy): give the fill a
+			// few chances to run first. This never waits for the
+			// upstream, so a paused upstream cannot hold bytes back.
+			for i := 0; i < coalesceYields && avail-pos < coalesceBytes && avail < segEnd; i++ {
+				runtime.Gosched()
+				avail = f.progress()
 			}
 			n := min(avail, segEnd) - pos
 			if err := out.send(file, pos, n); err != nil {
@@ -290,11 +290,11 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	return nil
 }
 
-// A client streaming from a fill sends at least coalesceBytes at a time,
-// or what coalesceReads more upstream reads brought.
+// A client right behind a fill yields up to coalesceYields times while less
+// than coalesceBytes are new.
 const (
-	coalesceBytes = 256 << 10
-	coalesceReads = 8
+	coalesceBytes  = 256 << 10
+	coalesceYields = 4
 )
 
 // fetch makes every block of rg present, waiting for the fills.

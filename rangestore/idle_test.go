@@ -57,3 +57,37 @@ func TestIdleDescriptorsStayOpenUpToTheBound(t *testing.T) {
 		t.Fatalf("%d data descriptors open after Close", n)
 	}
 }
+
+func TestKeepBytesSurviveAbort(t *testing.T) {
+	s := openStore(t, t.TempDir(), Options{BlockSize: MinBlockSize})
+	defer s.Close()
+	o := create(t, s, "k", metaV(MinBlockSize, 1))
+	defer o.Close()
+	want := content(seedOf("k", `"v1"`), 0, 1000)
+	for _, keep := range []bool{true, false} {
+		w, err := o.WriteBlock(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if keep {
+			w.KeepBytes()
+		}
+		if _, err := w.Write(want); err != nil {
+			t.Fatal(err)
+		}
+		w.Abort()
+		f, err := o.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(want))
+		f.ReadAt(got, 0)
+		f.Close()
+		if kept := string(got) == string(want); kept != keep {
+			t.Errorf("KeepBytes %v: bytes still readable after Abort = %v", keep, kept)
+		}
+		if o.HasBlock(0) {
+			t.Fatal("an aborted block is present")
+		}
+	}
+}

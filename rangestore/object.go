@@ -277,6 +277,7 @@ type BlockWriter struct {
 	crc     uint32
 	written int64
 	tried   bool // Write was called, so bytes may be on disk
+	keep    bool // others read the bytes as they are written: never punch them
 	done    bool
 }
 
@@ -387,12 +388,19 @@ func (w *BlockWriter) Abort() {
 	s.mu.Unlock()
 }
 
+// KeepBytes marks the block's bytes as read by others while it is being
+// written (a cache streaming a fill to waiting clients straight from the
+// data file): Abort and a failed Commit then leave the bytes written so far
+// in place, not present, instead of punching them out from under a reader.
+// They take disk space until the block is written again or the object goes.
+func (w *BlockWriter) KeepBytes() { w.keep = true }
+
 // punch gives back the disk space of the block, which is not present.
 // The whole block, not only the bytes counted as written: a short write that
 // fails (on a full disk, say) may have stored more than os.File.WriteAt
 // reports.
 func (w *BlockWriter) punch() {
-	if w.tried {
+	if w.tried && !w.keep {
 		syscall.Fallocate(int(w.f.Fd()), fallocPunchHole|fallocKeepSize, w.off, w.n)
 	}
 }
