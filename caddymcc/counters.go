@@ -24,6 +24,10 @@ type counters struct {
 	requests       [numStatuses]atomic.Int64
 	fillErrors     [numFillErrors]atomic.Int64
 	fillSeconds    histogram // duration of fills
+
+	// ledger adds the totals of earlier runs and keeps the history the
+	// summary shows (lifetime.go).
+	ledger ledger
 }
 
 // fillError classifies why a fill failed, for metrics.
@@ -127,6 +131,35 @@ func (t *tally) answer(s cacheStatus) {
 func (t *tally) sentHit(n int64) {
 	t.hit += n
 	t.c.stats.hitBytes.Add(n)
+}
+
+// onDisk records which blocks of a range were present when the request
+// came: the bytes sent from them are hits, all others misses, even once a
+// fill (the request's own read-ahead, say) has stored them.
+type onDisk struct {
+	first int // block of had[0]
+	had   []bool
+}
+
+func (d onDisk) at(b int) bool {
+	i := b - d.first
+	return i >= 0 && i < len(d.had) && d.had[i]
+}
+
+// sent counts n bytes at off of obj sent from blocks on disk.
+func (t *tally) sent(obj *rangestore.Object, off, n int64, d onDisk) {
+	for n > 0 {
+		b := obj.BlockOf(off)
+		blk := obj.Block(b)
+		k := min(n, blk.Off+blk.Len-off)
+		if d.at(b) {
+			t.sentHit(k)
+		} else {
+			t.sentMiss(k)
+		}
+		off += k
+		n -= k
+	}
 }
 
 func (t *tally) sentMiss(n int64) {

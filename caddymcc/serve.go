@@ -155,15 +155,24 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 		ranges = []httpRange{{0, size}}
 	}
 
+	// Which blocks were on disk when the request came (none for a
+	// just-learned object) decides hit and miss bytes.
+	var disk onDisk
 	present, some := true, false
 	for _, rg := range ranges {
 		if rg.length == 0 {
 			continue
 		}
 		for b := obj.BlockOf(rg.start); b <= obj.BlockOf(rg.start+rg.length-1); b++ {
-			has := obj.HasBlock(b)
+			has := !learned && obj.HasBlock(b)
 			present = present && has
 			some = some || has
+			if len(ranges) == 1 {
+				if disk.had == nil {
+					disk.first = b
+				}
+				disk.had = append(disk.had, has)
+			}
 		}
 	}
 	status, kind := h.Name+"; hit", statusHit
@@ -235,12 +244,12 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 		}
 		return true, err
 	}
-	return true, h.stream(w, r, next, req, c, obj, file, rg, t)
+	return true, h.stream(w, r, next, req, c, obj, file, rg, disk, t)
 }
 
 // stream sends the bytes of rg, from present blocks and from fills as they
 // land on disk, fetching ahead of the client.
-func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, file *os.File, rg httpRange, t *tally) error {
+func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, file *os.File, rg httpRange, disk onDisk, t *tally) error {
 	out := newSender(w, r)
 	// Bytes already sent must reach the client before waiting for more.
 	flush := func() { http.NewResponseController(w).Flush() }
@@ -260,7 +269,7 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request, next caddyhttp.
 			if err := out.send(file, pos, n); err != nil {
 				return err
 			}
-			t.sentHit(n)
+			t.sent(obj, pos, n, disk)
 			pos += n
 			continue
 		}
