@@ -156,6 +156,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("mcc: %w", err)
 	}
 	h.cache, h.dir = c, dir
+	if err := h.provisionMetrics(ctx); err != nil {
+		return err
+	}
 	return nil
 }
 
