@@ -2,6 +2,8 @@ package caddymcc
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"sync"
 
@@ -20,6 +22,9 @@ var caches = caddy.NewUsagePool()
 type cache struct {
 	dir       string
 	blockSize int64
+	// node names this cache in the Via header of its fills, to detect
+	// forwarding loops between gateways; unique per store and process.
+	node string
 
 	ready chan struct{} // closed when the store is open (or failed to open)
 	store *rangestore.Store
@@ -58,6 +63,7 @@ func loadCache(dir string, opts rangestore.Options, logger *zap.Logger) (*cache,
 		c := &cache{
 			dir:       dir,
 			blockSize: opts.BlockSize,
+			node:      newNodeID(),
 			ready:     make(chan struct{}),
 			ctx:       ctx,
 			cancel:    cancel,
@@ -112,6 +118,8 @@ func (c *cache) wait(ctx context.Context) (*rangestore.Store, error) {
 func (c *cache) Destruct() error {
 	c.cancel()
 	c.running.Wait()
+	// The lifetime counters' last save goes into the store directory.
+	c.stats.ledger.stop()
 	<-c.ready
 	if c.store == nil {
 		return nil
@@ -121,3 +129,10 @@ func (c *cache) Destruct() error {
 
 // Interface guards
 var _ caddy.Destructor = (*cache)(nil)
+
+// newNodeID returns "mcc-" and 12 random hex digits.
+func newNodeID() string {
+	var b [6]byte
+	rand.Read(b[:])
+	return "mcc-" + hex.EncodeToString(b[:])
+}

@@ -42,6 +42,9 @@ type fill struct {
 	pos  int64 // bytes before pos, in blocks this fill owns, are in the data file
 	done bool
 	err  error
+	// upstreamStatus is the upstream's Cache-Status (a parent cache's
+	// entries), to which a client answered from this fill adds its own.
+	upstreamStatus string
 }
 
 // upstreamResponse is a non-success answer from upstream (an origin's 404,
@@ -132,6 +135,18 @@ func (f *fill) await(ctx context.Context, cur int64, idle func()) (int64, error)
 	}
 }
 
+// cacheStatus returns the Cache-Status of an answer from this fill: the
+// upstream's entries (RFC 9211 lists caches from the origin's side), then
+// ours.
+func (f *fill) cacheStatus(ours string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.upstreamStatus == "" {
+		return ours
+	}
+	return f.upstreamStatus + ", " + ours
+}
+
 // progress returns the offset up to which bytes are on disk now.
 func (f *fill) progress() int64 {
 	f.mu.Lock()
@@ -186,6 +201,8 @@ func (h *Handler) subrequest(base context.Context, r *http.Request, req request,
 	// into byte ranges of the object.
 	fr.Header.Set("Accept-Encoding", "identity")
 	fr.Header.Set("Range", "bytes="+strconv.FormatInt(start, 10)+"-"+strconv.FormatInt(end, 10))
+	// Our mark for loop detection upstream (see Handler.checkLoop).
+	fr.Header.Add("Via", "1.1 "+h.cache.node)
 	srv, _ := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	repl := caddy.NewReplacer()
 	fr = caddyhttp.PrepareRequest(fr, repl, nil, srv)
@@ -241,15 +258,9 @@ func serveNext(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (
 // it still holds on the blocks of [start, end) and on its planned blocks, and
 // releases its object.
 func (f *fill) settle(obj *rangestore.Object, err error, start, end int64) {
-	f.mu.Lock()
-	f.done = true
-	f.err = err
-	if f.obj == nil {
-		f.obj = obj
-	}
-	f.notifyLocked()
-	f.mu.Unlock()
-
+	// Drop the claims first, so a request arriving from now on starts a
+	// fill of its own rather than taking this one's outcome (an origin's
+	// 404 is not to be reused).
 	c := f.c
 	c.mu.Lock()
 	if f.learn && c.learning[f.key] == f {
@@ -269,6 +280,15 @@ func (f *fill) settle(obj *rangestore.Object, err error, start, end int64) {
 		}
 	}
 	c.mu.Unlock()
+
+	f.mu.Lock()
+	f.done = true
+	f.err = err
+	if f.obj == nil {
+		f.obj = obj
+	}
+	f.notifyLocked()
+	f.mu.Unlock()
 	if obj != nil {
 		obj.Close()
 	}
@@ -308,6 +328,11 @@ func (w *fillWriter) WriteHeader(code int) {
 	w.status = code
 	f := w.f
 	c := f.c
+	if cs := w.header.Values("Cache-Status"); len(cs) > 0 {
+		f.mu.Lock()
+		f.upstreamStatus = strings.Join(cs, ", ")
+		f.mu.Unlock()
+	}
 	reqStart := int64(f.first) * c.blockSize
 	reqEnd := int64(f.last+1)*c.blockSize - 1
 	var meta rangestore.Meta

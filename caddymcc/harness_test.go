@@ -100,7 +100,11 @@ func (o *testOrigin) serve(w http.ResponseWriter, r *http.Request) {
 	http.ServeContent(cw, r, "", time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), bytes.NewReader(obj.data))
 }
 
+// bytesSent returns the body bytes the origin sent, once every fill in
+// flight has ended: a client can have the last bytes of a fill before the
+// origin's handler has counted its last write.
 func (o *testOrigin) bytesSent() int64 {
+	waitAllFills()
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.sent
@@ -267,6 +271,14 @@ func (g *gateway) waitFills() {
 		if k == g.storeDir() {
 			v.(*cache).running.Wait()
 		}
+		return true
+	})
+}
+
+// waitAllFills waits until no fill of any store is in flight.
+func waitAllFills() {
+	caches.Range(func(_, v any) bool {
+		v.(*cache).running.Wait()
 		return true
 	})
 }

@@ -93,6 +93,15 @@ func (c *cache) ledger() *ledger {
 	return l
 }
 
+// stop waits for a started ledger's last save; a ledger not started by now
+// never will be.
+func (l *ledger) stop() {
+	l.once.Do(func() {})
+	if l.done != nil {
+		<-l.done
+	}
+}
+
 func (l *ledger) run(c *cache, prev *ledger) {
 	defer func() {
 		ledgers.Lock()
