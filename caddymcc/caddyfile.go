@@ -33,6 +33,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    read_ahead   <size>             # default: 16MiB
 //	    fill_timeout <duration>         # default: 30s
 //	    name         <token>            # default: caddy-mcc
+//	    max_levels   <n>                # default: 16
 //	}
 //
 // Paths are subdirectives because a first argument starting with / would be
@@ -88,6 +89,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("fill_timeout: %v", err)
 			}
 			h.FillTimeout = caddy.Duration(t)
+		case "max_levels":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(d.Val())
+			if err != nil || n < 1 {
+				return d.Errf("max_levels: %q is not a positive number", d.Val())
+			}
+			h.MaxLevels = n
 		case "name":
 			if !d.NextArg() {
 				return d.ArgErr()

@@ -87,6 +87,12 @@ type Handler struct {
 	// `caddy-mcc`.
 	Name string `json:"name,omitempty"`
 
+	// MaxLevels is the most caches a request may already have passed
+	// through (counted in its Via header, where every caddy-mcc adds a
+	// node id of its own); beyond it, or when it already passed through
+	// this node, it is refused with 508 Loop Detected. Default: 16.
+	MaxLevels int `json:"max_levels,omitempty"`
+
 	origins     []originPattern
 	raBlocks    int
 	fillTimeout time.Duration
@@ -108,6 +114,7 @@ const (
 	defaultMinFree   = 1 << 30
 	defaultReadAhead = 16 << 20
 	defaultFillIdle  = 30 * time.Second
+	defaultMaxLevels = 16
 )
 
 // Provision sets defaults and opens (or shares) the store.
@@ -126,6 +133,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.Name == "" {
 		h.Name = "caddy-mcc"
+	}
+	if h.MaxLevels == 0 {
+		h.MaxLevels = defaultMaxLevels
 	}
 	origins := h.Origins
 	if len(origins) == 0 {
@@ -164,7 +174,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // Validate checks the configuration.
 func (h *Handler) Validate() error {
-	if h.MaxSize < 0 || h.MinFree != nil && *h.MinFree < 0 || h.ReadAhead < 0 || h.FillTimeout < 0 {
+	if h.MaxSize < 0 || h.MinFree != nil && *h.MinFree < 0 || h.ReadAhead < 0 || h.FillTimeout < 0 || h.MaxLevels < 0 {
 		return fmt.Errorf("mcc: sizes and timeouts must not be negative")
 	}
 	if !validToken(h.Name) {
@@ -194,6 +204,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	req, err := classify(r, h.origins)
 	if err != nil {
 		return h.refuse(w, t, http.StatusForbidden, err.Error())
+	}
+	if reason := h.checkLoop(r); reason != "" {
+		return h.refuse(w, t, http.StatusLoopDetected, reason)
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		setPlaceholders(repl, req)
@@ -226,6 +239,30 @@ func logTally(r *http.Request, t *tally) {
 		extra.Add(zap.Int64("cache_bytes", t.hit))
 		extra.Add(zap.Int64("upstream_bytes", t.miss))
 	}
+}
+
+// checkLoop returns why r must be refused as a forwarding loop: it already
+// passed through this node, or through MaxLevels caches. Each caddy-mcc
+// adds "1.1 mcc-<node id>" to the Via header of its fills (RFC 9110
+// section 7.6.3 lets a proxy name itself with a pseudonym).
+func (h *Handler) checkLoop(r *http.Request) string {
+	levels := 0
+	for _, v := range r.Header.Values("Via") {
+		for _, hop := range strings.Split(v, ",") {
+			fields := strings.Fields(hop)
+			if len(fields) < 2 || !strings.HasPrefix(fields[1], "mcc-") {
+				continue
+			}
+			if fields[1] == h.cache.node {
+				return "forwarding loop: this request already passed through this cache (" + h.cache.node + ")"
+			}
+			levels++
+		}
+	}
+	if levels >= h.MaxLevels {
+		return fmt.Sprintf("forwarding loop: the request passed through %d caches (max_levels %d)", levels, h.MaxLevels)
+	}
+	return ""
 }
 
 func setPlaceholders(repl *caddy.Replacer, req request) {

@@ -21,10 +21,9 @@ import (
 func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store, t *tally) error {
 	for attempt := 0; ; attempt++ {
 		obj, err := store.Get(req.key)
-		learned := false
+		var learned *fill
 		if errors.Is(err, rangestore.ErrNotFound) {
-			obj, err = h.learn(r, next, req, c, store)
-			learned = true
+			obj, learned, err = h.learn(r, next, req, c, store)
 		}
 		if err != nil {
 			return h.upstreamError(w, r, t, err)
@@ -56,7 +55,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // learn fetches the first wanted block of an object that is not stored
 // yet, to learn its length and validators, and returns the stored object.
 // Clients arriving meanwhile join the same fetch.
-func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store) (*rangestore.Object, error) {
+func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store) (*rangestore.Object, *fill, error) {
 	start, end := wantedSpan(r.Header.Get("Range"))
 	first := int(start / c.blockSize)
 	last := first + h.raBlocks - 1
@@ -74,11 +73,11 @@ func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c 
 	}
 	c.mu.Unlock()
 	obj, err := f.headers(r.Context())
-	if err != nil || obj != nil {
-		return obj, err
+	if err == nil && obj == nil {
+		// The fill is over and stored the object: read the stored version.
+		obj, err = store.Get(req.key)
 	}
-	// The fill is over and stored the object: read the stored version.
-	return store.Get(req.key)
+	return obj, f, err
 }
 
 // wantedSpan returns the first and last byte of a Range header's first
@@ -103,9 +102,10 @@ func wantedSpan(s string) (start, end int64) {
 }
 
 // respond answers r from obj, fetching missing blocks. sent reports whether
-// the status line went out, after which an error can only abort. learned
-// says the object was not stored when the request came.
-func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, learned bool, t *tally) (sent bool, err error) {
+// the status line went out, after which an error can only abort. learned is
+// the fill that fetched obj's metadata when it was not stored when the
+// request came, else nil.
+func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, learned *fill, t *tally) (sent bool, err error) {
 	meta := obj.Meta()
 	size := meta.Length
 	hdr := w.Header()
@@ -114,13 +114,9 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 
 	// Answers decided by the metadata alone are hits, unless the metadata
 	// itself was just fetched.
-	metaStatus := h.Name + "; hit"
-	if learned {
-		metaStatus = h.Name + "; fwd=miss"
-	}
-	metaKind := statusHit
-	if learned {
-		metaKind = statusMiss
+	metaStatus, metaKind := h.Name+"; hit", statusHit
+	if learned != nil {
+		metaStatus, metaKind = learned.cacheStatus(h.Name+"; fwd=miss"), statusMiss
 	}
 	if code := checkPreconditions(r, meta.ETag, modtime); code != 0 {
 		t.answer(metaKind)
@@ -164,7 +160,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 			continue
 		}
 		for b := obj.BlockOf(rg.start); b <= obj.BlockOf(rg.start+rg.length-1); b++ {
-			has := !learned && obj.HasBlock(b)
+			has := learned == nil && obj.HasBlock(b)
 			present = present && has
 			some = some || has
 			if len(ranges) == 1 {
@@ -178,10 +174,13 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 	status, kind := h.Name+"; hit", statusHit
 	switch {
 	case present:
-	case some && !learned:
+	case some:
 		status, kind = h.Name+"; fwd=partial", statusPartial
 	default:
 		status, kind = h.Name+"; fwd=miss", statusMiss
+	}
+	if learned != nil {
+		status = learned.cacheStatus(status)
 	}
 	hdr.Set("Cache-Status", status)
 	t.answer(kind)
@@ -210,6 +209,9 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 		if f := c.claim(h, r, next, req, obj, obj.BlockOf(rg.start), obj.BlockOf(rg.start+rg.length-1)); f != nil {
 			if _, err := f.await(r.Context(), rg.start, nil); err != nil {
 				return false, err
+			}
+			if learned == nil {
+				hdr.Set("Cache-Status", f.cacheStatus(status))
 			}
 		}
 	}
@@ -406,7 +408,11 @@ func (h *Handler) upstreamError(w http.ResponseWriter, r *http.Request, t *tally
 		for k, v := range pass.header {
 			hdr[k] = v
 		}
-		hdr.Set("Cache-Status", h.Name+"; fwd=miss; fwd-status="+strconv.Itoa(pass.status))
+		ours := h.Name + "; fwd=miss; fwd-status=" + strconv.Itoa(pass.status)
+		if up := pass.header.Values("Cache-Status"); len(up) > 0 {
+			ours = strings.Join(up, ", ") + ", " + ours
+		}
+		hdr.Set("Cache-Status", ours)
 		hdr.Set("Content-Length", strconv.Itoa(len(pass.body)))
 		w.WriteHeader(pass.status)
 		if r.Method != http.MethodHead {

@@ -1,0 +1,194 @@
+package caddymcc
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+)
+
+// chainConfig is one Caddy config with three gateways on loopback: top
+// (dials the origin), middle (whose parent is top) and bottom (whose parent
+// is middle), each with a store of its own, as nested ISA-95 levels are.
+const chainConfig = `{
+	admin {{admin}}
+	auto_https off
+	persist_config off
+	storage file_system {{dir}}/caddy
+	log {
+		level ERROR
+	}
+}
+http://:{{top}} {
+	bind 127.0.0.1
+	mcc {
+		dir {{dir}}/top
+		block_size 64KiB
+		read_ahead 256KiB
+		min_free 0
+		origins origin.test
+		name top
+	}
+	reverse_proxy {{origin}} {
+		rewrite {http.mcc.origin_uri}
+		header_up Host {http.mcc.origin_host}
+	}
+}
+http://:{{middle}} {
+	bind 127.0.0.1
+	mcc {
+		dir {{dir}}/middle
+		block_size 64KiB
+		read_ahead 256KiB
+		min_free 0
+		origins origin.test
+		name middle
+	}
+	reverse_proxy {{middle_parent}}
+}
+http://:{{bottom}} {
+	bind 127.0.0.1
+	mcc {
+		dir {{dir}}/bottom
+		block_size 64KiB
+		read_ahead 256KiB
+		min_free 0
+		origins origin.test
+		name bottom
+	}
+	reverse_proxy 127.0.0.1:{{middle}}
+}
+`
+
+type chain struct {
+	top, middle, bottom string // base URLs
+	dir                 string
+}
+
+// startChain loads the three-level config; middleParent is where the
+// middle level forwards its misses ("" for the top level).
+func startChain(t *testing.T, o *testOrigin, loop bool) *chain {
+	t.Helper()
+	dir := t.TempDir()
+	ports := [3]int{freePort(t), freePort(t), freePort(t)}
+	parent := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	if loop {
+		parent = fmt.Sprintf("127.0.0.1:%d", ports[2]) // middle -> bottom -> middle
+	}
+	r := strings.NewReplacer("{{admin}}", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "{{dir}}", dir,
+		"{{top}}", fmt.Sprint(ports[0]), "{{middle}}", fmt.Sprint(ports[1]), "{{bottom}}", fmt.Sprint(ports[2]),
+		"{{origin}}", o.addr(), "{{middle_parent}}", parent)
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(chainConfig)), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { caddy.Stop() })
+	url := func(p int) string { return fmt.Sprintf("http://127.0.0.1:%d", p) }
+	return &chain{url(ports[0]), url(ports[1]), url(ports[2]), dir}
+}
+
+func chainGet(t *testing.T, base, path string, hdr ...string) (*http.Response, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, base+path+"?cacheHostOrigin=origin.test", nil)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Add(hdr[i], hdr[i+1])
+	}
+	req.Close = true // the handler is done when the body ends
+	resp, err := testClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s%s: %v", base, path, err)
+	}
+	return resp, b
+}
+
+func (ch *chain) stats(t *testing.T, level string) *cache {
+	t.Helper()
+	var found *cache
+	caches.Range(func(k, v any) bool {
+		if k == ch.dir+"/"+level {
+			found = v.(*cache)
+		}
+		return true
+	})
+	if found == nil {
+		t.Fatalf("no cache for level %s", level)
+	}
+	return found
+}
+
+func TestThreeLevelChainFetchesOriginOnceAndStoresEveryLevel(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/fw.swu", 1000*kib+17, 90)
+	ch := startChain(t, o, false)
+
+	resp, got := chainGet(t, ch.bottom, "/fw.swu")
+	if resp.StatusCode != 200 || sum(got) != sum(want) {
+		t.Fatalf("cold download through three levels: status %d, equal %v", resp.StatusCode, sum(got) == sum(want))
+	}
+	if cs := resp.Header.Get("Cache-Status"); cs != "top; fwd=miss, middle; fwd=miss, bottom; fwd=miss" {
+		t.Errorf("Cache-Status %q: want each level's entry, top first", cs)
+	}
+	if sent := o.bytesSent(); sent != int64(len(want)) {
+		t.Errorf("origin sent %d bytes for %d: origin bytes / object = %.3f, want 1.000", sent, len(want), float64(sent)/float64(len(want)))
+	}
+	for _, level := range []string{"top", "middle", "bottom"} {
+		c := ch.stats(t, level)
+		st := c.store.Stats()
+		if st.BytesPresent != int64(len(want)) {
+			t.Errorf("%s stores %d bytes, want the whole object (%d)", level, st.BytesPresent, len(want))
+		}
+	}
+
+	// A second device at the bottom: a hit there, no traffic above.
+	middleFills := ch.stats(t, "middle").stats.fillsStarted.Load()
+	resp, got = chainGet(t, ch.bottom, "/fw.swu", "Range", "bytes=5000-")
+	if resp.StatusCode != 206 || sum(got) != sum(want[5000:]) || resp.Header.Get("Cache-Status") != "bottom; hit" {
+		t.Fatalf("second device: status %d, equal %v, Cache-Status %q", resp.StatusCode, sum(got) == sum(want[5000:]), resp.Header.Get("Cache-Status"))
+	}
+	if n := ch.stats(t, "middle").stats.fillsStarted.Load(); n != middleFills || o.bytesSent() != int64(len(want)) {
+		t.Errorf("a hit at the bottom caused traffic above it (middle fills %d -> %d)", middleFills, n)
+	}
+	// A device at the middle level is served from the middle's disk.
+	resp, got = chainGet(t, ch.middle, "/fw.swu")
+	if sum(got) != sum(want) || resp.Header.Get("Cache-Status") != "middle; hit" {
+		t.Fatalf("middle: equal %v, Cache-Status %q", sum(got) == sum(want), resp.Header.Get("Cache-Status"))
+	}
+}
+
+func TestForwardingLoopIsRefusedWith508(t *testing.T) {
+	o := newOrigin(t)
+	o.add("/loop.bin", 100*kib, 91)
+	ch := startChain(t, o, true) // middle's parent is bottom, bottom's is middle
+	resp, body := chainGet(t, ch.bottom, "/loop.bin")
+	if resp.StatusCode != http.StatusLoopDetected && resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("status %d (%s), want 508 (or the 502 it becomes one level down)", resp.StatusCode, body)
+	}
+	if len(o.log()) != 0 {
+		t.Error("a looping request reached the origin")
+	}
+	// The level that sees its own mark answers 508 itself.
+	resp, body = chainGet(t, ch.middle, "/loop.bin", "Via", "1.1 "+ch.stats(t, "middle").node)
+	if resp.StatusCode != http.StatusLoopDetected || !strings.Contains(string(body), "loop") {
+		t.Fatalf("own node id in Via: status %d (%s), want 508", resp.StatusCode, body)
+	}
+	var via []string
+	for i := 0; i < 16; i++ {
+		via = append(via, fmt.Sprintf("1.1 mcc-%012x", i))
+	}
+	resp, body = chainGet(t, ch.top, "/loop.bin", "Via", strings.Join(via, ", "))
+	if resp.StatusCode != http.StatusLoopDetected || !strings.Contains(string(body), "max_levels") {
+		t.Fatalf("16 cache levels in Via: status %d (%s), want 508", resp.StatusCode, body)
+	}
+}
