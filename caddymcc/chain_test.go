@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -191,4 +192,93 @@ func TestForwardingLoopIsRefusedWith508(t *testing.T) {
 	if resp.StatusCode != http.StatusLoopDetected || !strings.Contains(string(body), "max_levels") {
 		t.Fatalf("16 cache levels in Via: status %d (%s), want 508", resp.StatusCode, body)
 	}
+}
+
+// failoverConfig is a child gateway with two parents, the first of which
+// is down: reverse_proxy's own load balancing moves on to the second.
+const failoverConfig = `{
+	admin {{admin}}
+	auto_https off
+	persist_config off
+	storage file_system {{dir}}/caddy
+	log {
+		level ERROR
+	}
+}
+http://:{{top}} {
+	bind 127.0.0.1
+	mcc {
+		dir {{dir}}/top
+		block_size 64KiB
+		min_free 0
+		origins origin.test
+		name top
+	}
+	reverse_proxy {{origin}} {
+		rewrite {http.mcc.origin_uri}
+		header_up Host {http.mcc.origin_host}
+	}
+}
+http://:{{child}} {
+	bind 127.0.0.1
+	mcc {
+		dir {{dir}}/child
+		block_size 64KiB
+		min_free 0
+		origins origin.test
+		name child
+	}
+	reverse_proxy {{parents}} {
+		lb_policy first
+		lb_try_duration 2s
+		fail_duration 30s
+	}
+}
+`
+
+func startFailover(t *testing.T, o *testOrigin, parents string) (top, child string) {
+	t.Helper()
+	dir := t.TempDir()
+	tp, cp := freePort(t), freePort(t)
+	r := strings.NewReplacer("{{admin}}", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "{{dir}}", dir,
+		"{{top}}", fmt.Sprint(tp), "{{child}}", fmt.Sprint(cp), "{{origin}}", o.addr(),
+		"{{parents}}", strings.ReplaceAll(parents, "TOP", fmt.Sprintf("127.0.0.1:%d", tp)))
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(failoverConfig)), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { caddy.Stop() })
+	return fmt.Sprintf("http://127.0.0.1:%d", tp), fmt.Sprintf("http://127.0.0.1:%d", cp)
+}
+
+func TestParentFailoverThroughReverseProxy(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/fo.swu", 300*kib, 92)
+	dead := fmt.Sprintf("127.0.0.1:%d", freePort(t)) // nothing listens there
+	_, child := startFailover(t, o, dead+" TOP")
+	resp, got := chainGet(t, child, "/fo.swu")
+	if resp.StatusCode != 200 || sum(got) != sum(want) {
+		t.Fatalf("with the first parent down: status %d, equal %v", resp.StatusCode, sum(got) == sum(want))
+	}
+	if cs := resp.Header.Get("Cache-Status"); cs != "top; fwd=miss, child; fwd=miss" {
+		t.Errorf("Cache-Status %q: the second parent did not serve it", cs)
+	}
+}
+
+func TestNoParentAnsweringGives502(t *testing.T) {
+	o := newOrigin(t)
+	o.add("/down.swu", 100*kib, 93)
+	dead1 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	dead2 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	_, child := startFailover(t, o, dead1+" "+dead2)
+	began := time.Now()
+	resp, body := chainGet(t, child, "/down.swu")
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("status %d (%s), want 502 so the DO agent falls back to the CDN", resp.StatusCode, body)
+	}
+	// Not an assertion (shared machines): lb_try_duration bounds it.
+	t.Logf("502 after %s with lb_try_duration 2s", time.Since(began).Round(time.Millisecond))
 }
