@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -281,4 +283,67 @@ func TestNoParentAnsweringGives502(t *testing.T) {
 	}
 	// Not an assertion (shared machines): lb_try_duration bounds it.
 	t.Logf("502 after %s with lb_try_duration 2s", time.Since(began).Round(time.Millisecond))
+}
+
+// TestTopLevelThroughOutboundProxy runs the top gateway's fills through an
+// unauthenticated HTTP forward proxy (MCC's UPSTREAM_PROXY), configured on
+// reverse_proxy's transport.
+func TestTopLevelThroughOutboundProxy(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/px.swu", 500*kib, 94)
+	var mu sync.Mutex
+	var proxied []string
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !r.URL.IsAbs() {
+			http.Error(w, "not a proxy request", http.StatusBadRequest)
+			return
+		}
+		mu.Lock()
+		proxied = append(proxied, r.URL.String())
+		mu.Unlock()
+		out := r.Clone(r.Context())
+		out.RequestURI = ""
+		// The request line names the origin (origin.test), as a real
+		// proxy would resolve; this one knows where it lives, without
+		// DNS.
+		out.URL.Host = o.addr()
+		resp, err := http.DefaultTransport.RoundTrip(out)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer resp.Body.Close()
+		for k, v := range resp.Header {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(resp.StatusCode)
+		io.Copy(w, resp.Body)
+	}))
+	t.Cleanup(proxy.Close)
+
+	g := &gateway{t: t, dir: t.TempDir(), adminAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+	port := freePort(t)
+	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
+	cfg := strings.Replace(gatewayConfig, "reverse_proxy {{origin}} {", "reverse_proxy {{origin}} {\n\t\ttransport http {\n\t\t\tnetwork_proxy url "+proxy.URL+"\n\t\t}", 1)
+	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "")
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(cfg)), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.load(adapted)
+	t.Cleanup(func() { caddy.Stop() })
+
+	resp := g.get("/px.swu", "origin.test")
+	got := readAll(t, resp)
+	if resp.StatusCode != 200 || sum(got) != sum(want) {
+		t.Fatalf("through the outbound proxy: status %d (%.200s), equal %v", resp.StatusCode, got, sum(got) == sum(want))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(proxied) == 0 || len(proxied) != len(o.log()) {
+		t.Fatalf("proxy saw %d requests, origin %d: every fill must go through the proxy", len(proxied), len(o.log()))
+	}
+	if !strings.HasPrefix(proxied[0], "http://origin.test/px.swu") {
+		t.Errorf("proxy request %q does not name the upstream", proxied[0])
+	}
 }
