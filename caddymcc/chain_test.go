@@ -347,3 +347,144 @@ func TestTopLevelThroughOutboundProxy(t *testing.T) {
 		t.Errorf("proxy request %q does not name the upstream", proxied[0])
 	}
 }
+
+// scaleConfig is a front Caddy spreading clients over two cache nodes by a
+// consistent hash of the URI (cacheHostOrigin included), with passive
+// health checks, as README's scale-out section has it.
+const scaleConfig = `{
+	admin {{admin}}
+	auto_https off
+	persist_config off
+	storage file_system {{dir}}/caddy
+	log {
+		level ERROR
+	}
+}
+http://:{{front}} {
+	bind 127.0.0.1
+	reverse_proxy 127.0.0.1:{{n1}} 127.0.0.1:{{n2}} {
+		lb_policy uri_hash
+		lb_try_duration 2s
+		fail_duration 30s
+	}
+}
+{{node1}}
+http://:{{n2}} {
+	bind 127.0.0.1
+	mcc {
+		dir {{dir}}/n2
+		block_size 64KiB
+		min_free 0
+		origins origin.test
+		name n2
+	}
+	reverse_proxy {{origin}} {
+		rewrite {http.mcc.origin_uri}
+		header_up Host {http.mcc.origin_host}
+	}
+}
+`
+
+const scaleNode1 = `http://:{{n1}} {
+	bind 127.0.0.1
+	mcc {
+		dir {{dir}}/n1
+		block_size 64KiB
+		min_free 0
+		origins origin.test
+		name n1
+	}
+	reverse_proxy {{origin}} {
+		rewrite {http.mcc.origin_uri}
+		header_up Host {http.mcc.origin_host}
+	}
+}`
+
+func TestScaleOutStoresEachObjectOnOneNode(t *testing.T) {
+	o := newOrigin(t)
+	dir := t.TempDir()
+	ports := map[string]string{"{{admin}}": fmt.Sprintf("127.0.0.1:%d", freePort(t)), "{{front}}": fmt.Sprint(freePort(t)),
+		"{{n1}}": fmt.Sprint(freePort(t)), "{{n2}}": fmt.Sprint(freePort(t)), "{{dir}}": dir, "{{origin}}": o.addr()}
+	load := func(withNode1 bool) {
+		t.Helper()
+		cfg := scaleConfig
+		node1 := ""
+		if withNode1 {
+			node1 = scaleNode1
+		}
+		cfg = strings.Replace(cfg, "{{node1}}", node1, 1)
+		for k, v := range ports {
+			cfg = strings.ReplaceAll(cfg, k, v)
+		}
+		adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), map[string]any{"filename": "Caddyfile"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Load(adapted, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	load(true)
+	t.Cleanup(func() { caddy.Stop() })
+	front := "http://127.0.0.1:" + ports["{{front}}"]
+
+	const n = 12
+	objects := make([][]byte, n)
+	for i := range objects {
+		objects[i] = o.add(fmt.Sprintf("/s%d.swu", i), 100*kib+i, uint64(100+i))
+	}
+	node := func(cs string) string { return strings.SplitN(cs, ";", 2)[0] }
+	where := make([]string, n)
+	for pass := 0; pass < 2; pass++ {
+		for i, want := range objects {
+			resp, got := chainGet(t, front, fmt.Sprintf("/s%d.swu", i))
+			if resp.StatusCode != 200 || sum(got) != sum(want) {
+				t.Fatalf("object %d pass %d: status %d equal %v", i, pass, resp.StatusCode, sum(got) == sum(want))
+			}
+			cs := resp.Header.Get("Cache-Status")
+			if pass == 0 {
+				where[i] = node(cs)
+			} else if node(cs) != where[i] || !strings.HasSuffix(cs, "; hit") {
+				t.Errorf("object %d: first on %s, then answered %q: the hash must send it to one node", i, where[i], cs)
+			}
+		}
+	}
+	on := map[string]int{}
+	for _, w := range where {
+		on[w]++
+	}
+	if on["n1"] == 0 || on["n2"] == 0 {
+		t.Fatalf("objects per node %v: uri_hash did not spread them", on)
+	}
+	if sent := o.bytesSent(); sent != int64(totalLen(objects)) {
+		t.Errorf("origin sent %d bytes for %d: an object was stored on both nodes", sent, totalLen(objects))
+	}
+
+	// Node 1 goes away: only its objects move to node 2.
+	load(false)
+	before := o.bytesSent()
+	var moved int
+	for i, want := range objects {
+		resp, got := chainGet(t, front, fmt.Sprintf("/s%d.swu", i))
+		if resp.StatusCode != 200 || sum(got) != sum(want) {
+			t.Fatalf("object %d without node 1: status %d equal %v", i, resp.StatusCode, sum(got) == sum(want))
+		}
+		cs := resp.Header.Get("Cache-Status")
+		switch {
+		case where[i] == "n2" && cs != "n2; hit":
+			t.Errorf("object %d lived on n2 and should still be a hit there, got %q", i, cs)
+		case where[i] == "n1":
+			moved += len(want)
+		}
+	}
+	if d := o.bytesSent() - before; d != int64(moved) {
+		t.Errorf("losing node 1 fetched %d bytes from the origin, want exactly its share %d", d, moved)
+	}
+}
+
+func totalLen(bs [][]byte) (n int) {
+	for _, b := range bs {
+		n += len(b)
+	}
+	return n
+}
