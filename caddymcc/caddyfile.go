@@ -2,6 +2,7 @@ package caddymcc
 
 import (
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -30,6 +31,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    min_free     <size>             # default: 1GiB
 //	    block_size   <size>             # default: 1MiB
 //	    origins      <host pattern>...  # repeatable; exact host or *.suffix
+//	    canonical    <host> <alias>...  # repeatable; mirrors sharing one cache key
 //	    read_ahead   <size>             # default: 16MiB
 //	    fill_timeout <duration>         # default: 30s
 //	    name         <token>            # default: caddy-mcc
@@ -80,6 +82,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 			h.Origins = append(h.Origins, args...)
+		case "canonical":
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return d.ArgErr()
+			}
+			for _, a := range args {
+				if err := checkHostName(strings.ToLower(a)); err != nil {
+					return d.Errf("canonical %q: %v", a, err)
+				}
+			}
+			if h.Canonical == nil {
+				h.Canonical = make(map[string][]string)
+			}
+			h.Canonical[args[0]] = append(h.Canonical[args[0]], args[1:]...)
 		case "fill_timeout":
 			if !d.NextArg() {
 				return d.ArgErr()

@@ -72,6 +72,13 @@ type Handler struct {
 	// `au.download.windowsupdate.com` (Microsoft's cache smoke test).
 	Origins []string `json:"origins,omitempty"`
 
+	// Canonical maps a canonical host to alias hosts (regional mirrors of
+	// a package repository) whose objects share the canonical host's cache
+	// key, as MCC's CACHEABLE_CUSTOM_<N>_CANONICAL does. Misses are still
+	// fetched from the host the request named. The hosts named here are
+	// allowed origins in addition to Origins.
+	Canonical map[string][]string `json:"canonical,omitempty"`
+
 	// ReadAhead is how far beyond the block a client is reading the cache
 	// keeps fetching, within the range the client asked for; one upstream
 	// request covers up to this much. Larger values make a cold
@@ -94,6 +101,7 @@ type Handler struct {
 	MaxLevels int `json:"max_levels,omitempty"`
 
 	origins     []originPattern
+	aliases     map[string]string // alias host -> canonical host
 	raBlocks    int
 	fillTimeout time.Duration
 	cache       *cache
@@ -148,6 +156,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 		h.origins = append(h.origins, p)
+	}
+	h.aliases = make(map[string]string)
+	for canon, aliases := range h.Canonical {
+		for _, host := range append([]string{canon}, aliases...) {
+			host = strings.ToLower(host)
+			if err := checkHostName(host); err != nil {
+				return fmt.Errorf("mcc: canonical %q: %v", host, err)
+			}
+			h.origins = append(h.origins, originPattern{host: host})
+			if other, dup := h.aliases[host]; dup && other != strings.ToLower(canon) {
+				return fmt.Errorf("mcc: %s is an alias of both %s and %s", host, other, canon)
+			}
+			h.aliases[host] = strings.ToLower(canon)
+		}
 	}
 	minFree := int64(defaultMinFree)
 	if h.MinFree != nil {
@@ -204,6 +226,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	req, err := classify(r, h.origins)
 	if err != nil {
 		return h.refuse(w, t, http.StatusForbidden, err.Error())
+	}
+	if canon, ok := h.aliases[req.origin]; ok {
+		req.key = canon + req.uri
 	}
 	if reason := h.checkLoop(r); reason != "" {
 		return h.refuse(w, t, http.StatusLoopDetected, reason)
