@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
@@ -42,6 +43,11 @@ type cache struct {
 	// block of an object not yet stored (its length is not known yet).
 	fills    map[blockKey]*fill
 	learning map[string]*fill
+	// revalidating holds the conditional fill, per key, checking a stale
+	// object upstream; validated, when each object version was last
+	// confirmed current (freshness.go).
+	revalidating map[string]*fill
+	validated    map[uint64]time.Time
 }
 
 // blockKey names a block of a stored object version, for collapsing fills.
@@ -61,14 +67,16 @@ func loadCache(dir string, opts rangestore.Options, logger *zap.Logger) (*cache,
 	v, loaded, err := caches.LoadOrNew(dir, func() (caddy.Destructor, error) {
 		ctx, cancel := context.WithCancel(context.Background())
 		c := &cache{
-			dir:       dir,
-			blockSize: opts.BlockSize,
-			node:      newNodeID(),
-			ready:     make(chan struct{}),
-			ctx:       ctx,
-			cancel:    cancel,
-			fills:     make(map[blockKey]*fill),
-			learning:  make(map[string]*fill),
+			dir:          dir,
+			blockSize:    opts.BlockSize,
+			node:         newNodeID(),
+			ready:        make(chan struct{}),
+			ctx:          ctx,
+			cancel:       cancel,
+			fills:        make(map[blockKey]*fill),
+			learning:     make(map[string]*fill),
+			revalidating: make(map[string]*fill),
+			validated:    make(map[uint64]time.Time),
 		}
 		go func() {
 			defer close(c.ready)

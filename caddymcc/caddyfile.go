@@ -34,6 +34,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    canonical    <host> <alias>...  # repeatable; mirrors sharing one cache key
 //	    read_ahead   <size>             # default: 16MiB
 //	    fill_timeout <duration>         # default: 30s
+//	    index_ttl    <duration>         # default: 30s
+//	    stale_if_error <duration>       # default: 24h
 //	    name         <token>            # default: caddy-mcc
 //	    max_levels   <n>                # default: 16
 //	}
@@ -96,15 +98,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.Canonical = make(map[string][]string)
 			}
 			h.Canonical[args[0]] = append(h.Canonical[args[0]], args[1:]...)
-		case "fill_timeout":
+		case "fill_timeout", "index_ttl", "stale_if_error":
+			name := d.Val()
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
 			t, err := caddy.ParseDuration(d.Val())
 			if err != nil {
-				return d.Errf("fill_timeout: %v", err)
+				return d.Errf("%s: %v", name, err)
 			}
-			h.FillTimeout = caddy.Duration(t)
+			switch name {
+			case "fill_timeout":
+				h.FillTimeout = caddy.Duration(t)
+			case "index_ttl":
+				h.IndexTTL = caddy.Duration(t)
+			case "stale_if_error":
+				h.StaleIfError = caddy.Duration(t)
+			}
 		case "max_levels":
 			if !d.NextArg() {
 				return d.ArgErr()

@@ -45,6 +45,8 @@ type fill struct {
 	// upstreamStatus is the upstream's Cache-Status (a parent cache's
 	// entries), to which a client answered from this fill adds its own.
 	upstreamStatus string
+	// notModified: a conditional fill got 304, the stored version is current.
+	notModified bool
 }
 
 // upstreamResponse is a non-success answer from upstream (an origin's 404,
@@ -147,6 +149,13 @@ func (f *fill) cacheStatus(ours string) string {
 	return f.upstreamStatus + ", " + ours
 }
 
+// wasNotModified reports whether a conditional fill got 304.
+func (f *fill) wasNotModified() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.notModified
+}
+
 // progress returns the offset up to which bytes are on disk now.
 func (f *fill) progress() int64 {
 	f.mu.Lock()
@@ -157,7 +166,7 @@ func (f *fill) progress() int64 {
 // startFill builds the subrequest for blocks [first, last] from the client
 // request r and runs it in the background. c.mu must be held; the caller
 // registers the fill's claims.
-func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, req request, obj *rangestore.Object, first, last int) *fill {
+func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, req request, obj *rangestore.Object, first, last int, cond http.Header) *fill {
 	f := &fill{
 		c:      c,
 		key:    req.key,
@@ -170,6 +179,9 @@ func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, r
 		pos:    int64(first) * c.blockSize,
 	}
 	fr, cancel := h.subrequest(c.ctx, r, req, int64(first)*c.blockSize, int64(last+1)*c.blockSize-1)
+	for k, v := range cond {
+		fr.Header[k] = v
+	}
 	var held *rangestore.Object
 	if obj != nil {
 		// The fill needs its own handle: the client may close its own first.
@@ -265,6 +277,9 @@ func (f *fill) settle(obj *rangestore.Object, err error, start, end int64) {
 	c.mu.Lock()
 	if f.learn && c.learning[f.key] == f {
 		delete(c.learning, f.key)
+	}
+	if c.revalidating[f.key] == f {
+		delete(c.revalidating, f.key)
 	}
 	if obj != nil {
 		drop := func(first, last int) {
@@ -363,6 +378,11 @@ func (w *fillWriter) WriteHeader(code int) {
 		}
 		meta = metaFrom(w.header, n)
 		w.start, w.end = 0, n
+	case http.StatusNotModified:
+		f.mu.Lock()
+		f.notModified = true
+		f.mu.Unlock()
+		return
 	case http.StatusRequestedRangeNotSatisfiable:
 		// An empty object has no byte to ask for.
 		if _, _, total, ok := parseContentRange(w.header.Get("Content-Range")); ok && total == 0 && reqStart == 0 {
@@ -377,6 +397,7 @@ func (w *fillWriter) WriteHeader(code int) {
 		w.pass = &upstreamResponse{status: code, header: h}
 		return
 	}
+	stampMeta(&meta, w.header, time.Now())
 	if err := w.pin(meta); err != nil {
 		w.failed = err
 		return
@@ -532,6 +553,8 @@ func (w *fillWriter) finish(err error) error {
 		return w.failed
 	case err != nil:
 		return err
+	case w.status == http.StatusNotModified:
+		return nil
 	case w.status == 0:
 		return errNoLength
 	case w.pos != w.end:

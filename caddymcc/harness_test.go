@@ -40,6 +40,7 @@ type originObject struct {
 	data  []byte
 	etag  string
 	ctype string
+	cc    string // Cache-Control, when set
 }
 
 type originRequest struct {
@@ -75,6 +76,13 @@ func (o *testOrigin) add(path string, n int, seed uint64) []byte {
 	return data
 }
 
+// setCacheControl gives the object at path a Cache-Control header.
+func (o *testOrigin) setCacheControl(path, cc string) {
+	o.mu.Lock()
+	o.objects[path].cc = cc
+	o.mu.Unlock()
+}
+
 func (o *testOrigin) setHook(h func(w http.ResponseWriter, r *http.Request, obj *originObject) bool) {
 	o.mu.Lock()
 	o.hook = h
@@ -97,6 +105,9 @@ func (o *testOrigin) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Etag", obj.etag)
 	w.Header().Set("Content-Type", obj.ctype)
+	if obj.cc != "" {
+		w.Header().Set("Cache-Control", obj.cc)
+	}
 	http.ServeContent(cw, r, "", time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), bytes.NewReader(obj.data))
 }
 

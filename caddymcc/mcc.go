@@ -86,6 +86,17 @@ type Handler struct {
 	// slow round trip. Default: 16MiB.
 	ReadAhead int64 `json:"read_ahead,omitempty"`
 
+	// IndexTTL is how long a package repository's index file (InRelease,
+	// Release, Packages*, Sources*, Contents*, Translation*, *.diff/Index)
+	// is served before it is revalidated, when its origin gives no
+	// freshness of its own. Default: 30s.
+	IndexTTL caddy.Duration `json:"index_ttl,omitempty"`
+
+	// StaleIfError is how long past its expiry a stale object is still
+	// served when revalidating it fails (upstream down): its Cache-Status
+	// then says so. Default: 24h.
+	StaleIfError caddy.Duration `json:"stale_if_error,omitempty"`
+
 	// FillTimeout abandons a fill whose upstream sends nothing for this
 	// long. Default: 30s.
 	FillTimeout caddy.Duration `json:"fill_timeout,omitempty"`
@@ -104,6 +115,8 @@ type Handler struct {
 	aliases     map[string]string // alias host -> canonical host
 	raBlocks    int
 	fillTimeout time.Duration
+	indexTTL    time.Duration
+	staleOK     time.Duration
 	cache       *cache
 	dir         string
 	logger      *zap.Logger
@@ -123,6 +136,10 @@ const (
 	defaultReadAhead = 16 << 20
 	defaultFillIdle  = 30 * time.Second
 	defaultMaxLevels = 16
+	defaultIndexTTL  = 30 * time.Second
+	// Disconnected sites keep serving what they have through a day of
+	// upstream outage.
+	defaultStaleIfError = 24 * time.Hour
 )
 
 // Provision sets defaults and opens (or shares) the store.
@@ -141,6 +158,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.Name == "" {
 		h.Name = "caddy-mcc"
+	}
+	h.indexTTL = time.Duration(h.IndexTTL)
+	if h.indexTTL == 0 {
+		h.indexTTL = defaultIndexTTL
+	}
+	h.staleOK = time.Duration(h.StaleIfError)
+	if h.staleOK == 0 {
+		h.staleOK = defaultStaleIfError
 	}
 	if h.MaxLevels == 0 {
 		h.MaxLevels = defaultMaxLevels
@@ -196,7 +221,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // Validate checks the configuration.
 func (h *Handler) Validate() error {
-	if h.MaxSize < 0 || h.MinFree != nil && *h.MinFree < 0 || h.ReadAhead < 0 || h.FillTimeout < 0 || h.MaxLevels < 0 {
+	if h.MaxSize < 0 || h.MinFree != nil && *h.MinFree < 0 || h.ReadAhead < 0 || h.FillTimeout < 0 || h.MaxLevels < 0 || h.IndexTTL < 0 || h.StaleIfError < 0 {
 		return fmt.Errorf("mcc: sizes and timeouts must not be negative")
 	}
 	if !validToken(h.Name) {

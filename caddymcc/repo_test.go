@@ -76,3 +76,73 @@ func TestCanonicalMirrorsShareOneCacheKey(t *testing.T) {
 		t.Errorf("origin saw %+v; want one request, to the mirror the first client named", log)
 	}
 }
+
+func TestStaleObjectRevalidatesWith304(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/debian/dists/bookworm/InRelease", 70*kib, 98)
+	o.setCacheControl("/debian/dists/bookworm/InRelease", "max-age=0")
+	g := startGateway(t, o, "")
+	path := "/debian/dists/bookworm/InRelease"
+	readAll(t, g.get(path, "origin.test"))
+	sent := o.bytesSent()
+	for i := 0; i < 3; i++ {
+		resp := g.get(path, "origin.test")
+		got := readAll(t, resp)
+		if resp.StatusCode != 200 || sum(got) != sum(want) {
+			t.Fatalf("revalidated answer %d: status %d, equal %v", i, resp.StatusCode, sum(got) == sum(want))
+		}
+		if cs := resp.Header.Get("Cache-Status"); cs != "caddy-mcc; fwd=stale; fwd-status=304" {
+			t.Errorf("Cache-Status %q, want a 304 revalidation", cs)
+		}
+	}
+	if o.bytesSent() != sent {
+		t.Errorf("304 revalidations moved %d body bytes", o.bytesSent()-sent)
+	}
+	log := o.log()
+	if len(log) != 4 {
+		t.Fatalf("origin asked %d times, want 1 fetch and 3 revalidations", len(log))
+	}
+}
+
+func TestChangedIndexIsReplacedWholeByTheNewVersion(t *testing.T) {
+	o := newOrigin(t)
+	path := "/debian/dists/bookworm/main/binary-amd64/Packages.xz"
+	o.add(path, 300*kib, 99)
+	g := startGateway(t, o, "index_ttl 1ns")
+	readAll(t, g.get(path, "origin.test"))
+	newer := o.add(path, 280*kib, 100) // a new index, another length
+	resp := g.get(path, "origin.test")
+	got := readAll(t, resp)
+	if resp.StatusCode != 200 || sum(got) != sum(newer) {
+		t.Fatalf("after the index changed: status %d, new version %v (%d bytes)", resp.StatusCode, sum(got) == sum(newer), len(got))
+	}
+	// Package files never go stale: one request, ever.
+	deb := o.add("/debian/pool/main/h/hello/hello_2.10-3_amd64.deb", 50*kib, 101)
+	before := len(o.log())
+	for i := 0; i < 3; i++ {
+		if got := readAll(t, g.get("/debian/pool/main/h/hello/hello_2.10-3_amd64.deb", "origin.test")); sum(got) != sum(deb) {
+			t.Fatal("deb differs")
+		}
+	}
+	if n := len(o.log()) - before; n != 1 {
+		t.Errorf("a .deb was asked upstream %d times, want once", n)
+	}
+}
+
+func TestStaleIndexServedWhenUpstreamIsDown(t *testing.T) {
+	o := newOrigin(t)
+	path := "/debian/dists/bookworm/InRelease"
+	want := o.add(path, 20*kib, 102)
+	g := startGateway(t, o, "index_ttl 1ns")
+	readAll(t, g.get(path, "origin.test"))
+	g.waitFills()
+	o.srv.Close()
+	resp := g.get(path, "origin.test")
+	got := readAll(t, resp)
+	if resp.StatusCode != 200 || sum(got) != sum(want) {
+		t.Fatalf("upstream down: status %d, equal %v", resp.StatusCode, sum(got) == sum(want))
+	}
+	if cs := resp.Header.Get("Cache-Status"); !strings.Contains(cs, "detail=stale-upstream-error") || !strings.Contains(cs, "ttl=-") {
+		t.Errorf("Cache-Status %q does not say the answer is stale", cs)
+	}
+}

@@ -22,13 +22,18 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	for attempt := 0; ; attempt++ {
 		obj, err := store.Get(req.key)
 		var learned *fill
+		note := ""
 		if errors.Is(err, rangestore.ErrNotFound) {
 			obj, learned, err = h.learn(r, next, req, c, store)
+		} else if err == nil {
+			if expires, ok := h.expiry(c, obj, req.uri); ok && !time.Now().Before(expires) {
+				obj, learned, note, err = h.revalidate(r, next, req, c, store, obj, expires)
+			}
 		}
 		if err != nil {
 			return h.upstreamError(w, r, t, err)
 		}
-		sent, err := h.respond(w, r, next, req, c, obj, learned, t)
+		sent, err := h.respond(w, r, next, req, c, obj, learned, note, t)
 		obj.Close()
 		switch {
 		case err == nil:
@@ -68,7 +73,7 @@ func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c 
 	c.mu.Lock()
 	f := c.learning[req.key]
 	if f == nil {
-		f = c.startFill(h, r, next, req, nil, first, last)
+		f = c.startFill(h, r, next, req, nil, first, last, nil)
 		c.learning[req.key] = f
 	}
 	c.mu.Unlock()
@@ -78,6 +83,59 @@ func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c 
 		obj, err = store.Get(req.key)
 	}
 	return obj, f, err
+}
+
+// revalidate checks a stale obj upstream with a conditional request,
+// collapsed across clients, before it is served. It returns the object to
+// serve: obj when the upstream says 304 (note then says so for
+// Cache-Status), a new version with the fill that fetched it, or obj as a
+// stale hit when the upstream fails within StaleIfError of expiry. It
+// closes obj when it returns another object or an error.
+func (h *Handler) revalidate(r *http.Request, next caddyhttp.Handler, req request, c *cache, store *rangestore.Store, obj *rangestore.Object, expired time.Time) (*rangestore.Object, *fill, string, error) {
+	cond := make(http.Header)
+	m := obj.Meta()
+	if m.ETag != "" {
+		cond.Set("If-None-Match", m.ETag)
+	}
+	if m.LastModified != "" {
+		cond.Set("If-Modified-Since", m.LastModified)
+	}
+	c.mu.Lock()
+	f := c.revalidating[req.key]
+	if f == nil {
+		f = c.startFill(h, r, next, req, nil, 0, 0, cond)
+		c.revalidating[req.key] = f
+	}
+	c.mu.Unlock()
+	fresh, err := f.headers(r.Context())
+	if err == nil && fresh == nil && !f.wasNotModified() {
+		// The fill stored a version and ended: read it.
+		fresh, err = store.Get(req.key)
+	}
+	switch {
+	case err == nil && fresh != nil:
+		c.markValidated(fresh)
+		obj.Close()
+		return fresh, f, "", nil
+	case err == nil:
+		c.markValidated(obj)
+		return obj, nil, "fwd=stale; fwd-status=304", nil
+	}
+	var pass *upstreamResponse
+	if errors.As(err, &pass) && (pass.status == http.StatusNotFound || pass.status == http.StatusGone) {
+		// Gone upstream: so is our copy.
+		c.invalidate(req.key, obj)
+		obj.Close()
+		return nil, nil, "", err
+	}
+	if r.Context().Err() == nil && time.Since(expired) <= h.staleOK {
+		// RFC 9111 section 4.2.4 and RFC 5861 stale-if-error; a negative
+		// ttl in Cache-Status marks a stale answer (RFC 9211 section 2.5).
+		ttl := int64(time.Until(expired).Seconds()) - 1
+		return obj, nil, "hit; ttl=" + strconv.FormatInt(ttl, 10) + "; detail=stale-upstream-error", nil
+	}
+	obj.Close()
+	return nil, nil, "", err
 }
 
 // wantedSpan returns the first and last byte of a Range header's first
@@ -104,8 +162,9 @@ func wantedSpan(s string) (start, end int64) {
 // respond answers r from obj, fetching missing blocks. sent reports whether
 // the status line went out, after which an error can only abort. learned is
 // the fill that fetched obj's metadata when it was not stored when the
-// request came, else nil.
-func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, learned *fill, t *tally) (sent bool, err error) {
+// request came, else nil. note replaces "hit" in Cache-Status (a
+// revalidated or stale answer).
+func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, req request, c *cache, obj *rangestore.Object, learned *fill, note string, t *tally) (sent bool, err error) {
 	meta := obj.Meta()
 	size := meta.Length
 	hdr := w.Header()
@@ -114,7 +173,11 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 
 	// Answers decided by the metadata alone are hits, unless the metadata
 	// itself was just fetched.
-	metaStatus, metaKind := h.Name+"; hit", statusHit
+	hit := h.Name + "; hit"
+	if note != "" {
+		hit = h.Name + "; " + note
+	}
+	metaStatus, metaKind := hit, statusHit
 	if learned != nil {
 		metaStatus, metaKind = learned.cacheStatus(h.Name+"; fwd=miss"), statusMiss
 	}
@@ -171,7 +234,7 @@ func (h *Handler) respond(w http.ResponseWriter, r *http.Request, next caddyhttp
 			}
 		}
 	}
-	status, kind := h.Name+"; hit", statusHit
+	status, kind := hit, statusHit
 	switch {
 	case present:
 	case some:
@@ -346,7 +409,7 @@ func (c *cache) claim(h *Handler, r *http.Request, next caddyhttp.Handler, req r
 		for e < min(s+h.raBlocks-1, last) && free(e+1) {
 			e++
 		}
-		f := c.startFill(h, r, next, req, obj, s, e)
+		f := c.startFill(h, r, next, req, obj, s, e, nil)
 		for k := s; k <= e; k++ {
 			c.fills[blockKey{id, k}] = f
 		}
@@ -374,7 +437,9 @@ func serveFile(w http.ResponseWriter, r *http.Request, obj *rangestore.Object, m
 // setEntityHeaders sets the stored object's validators and replayed headers.
 func setEntityHeaders(hdr http.Header, m rangestore.Meta) {
 	for k, v := range m.Header {
-		hdr[k] = v
+		if !strings.HasPrefix(k, "Mcc-") {
+			hdr[k] = v
+		}
 	}
 	if m.ETag != "" {
 		hdr.Set("Etag", m.ETag)

@@ -1,0 +1,157 @@
+package caddymcc
+
+import (
+	"net/http"
+	"path"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddy-mcc/caddy-mcc/rangestore"
+)
+
+// Freshness (RFC 9111 section 4.2) for package repositories, whose index
+// files change while package files and update images never do.
+//
+// An object is fresh for the lifetime its origin gave it (s-maxage,
+// max-age, or Expires - Date; no-cache, no-store and private mean zero),
+// counted from when it was last fetched or validated, less the Age it
+// arrived with. Without any of those, apt's index files (InRelease,
+// Packages*, ...) are fresh for IndexTTL and everything else never goes
+// stale: update images and .deb files are immutable, and a changed object is
+// still caught by its pinned identity when a missing block is fetched.
+//
+// A stale object is revalidated with a conditional request through the next
+// handler before it is served (collapsed across clients): a 304 makes it
+// fresh again, a new version replaces it, and when the upstream fails the
+// stale copy is served for up to StaleIfError past its expiry.
+
+// Internal metadata kept with an object, never sent to clients.
+const (
+	metaStored = "Mcc-Stored" // unix seconds the object's first block arrived
+	metaAge    = "Mcc-Age"    // the Age header it arrived with, seconds
+	metaDate   = "Mcc-Date"   // the upstream's Date header
+)
+
+// stampMeta records when a response arrived, for freshness.
+func stampMeta(m *rangestore.Meta, h http.Header, now time.Time) {
+	if m.Header == nil {
+		m.Header = make(map[string][]string)
+	}
+	m.Header[metaStored] = []string{strconv.FormatInt(now.Unix(), 10)}
+	if a := h.Get("Age"); a != "" {
+		m.Header[metaAge] = []string{a}
+	}
+	if d := h.Get("Date"); d != "" {
+		m.Header[metaDate] = []string{d}
+	}
+}
+
+func metaInt(m rangestore.Meta, k string) int64 {
+	if v := m.Header[k]; len(v) > 0 {
+		n, _ := strconv.ParseInt(v[0], 10, 64)
+		return n
+	}
+	return 0
+}
+
+// lifetime returns how long after validation m stays fresh; expires is
+// false for objects that never go stale.
+func (h *Handler) lifetime(m rangestore.Meta, uri string) (ttl time.Duration, expires bool) {
+	cc := strings.ToLower(strings.Join(m.Header["Cache-Control"], ","))
+	var maxAge, sMaxAge = int64(-1), int64(-1)
+	for _, d := range strings.Split(cc, ",") {
+		name, val, _ := strings.Cut(strings.TrimSpace(d), "=")
+		switch name {
+		case "no-cache", "no-store", "private":
+			return 0, true
+		case "max-age":
+			maxAge, _ = strconv.ParseInt(strings.Trim(val, `"`), 10, 64)
+		case "s-maxage":
+			sMaxAge, _ = strconv.ParseInt(strings.Trim(val, `"`), 10, 64)
+		}
+	}
+	age := time.Duration(metaInt(m, metaAge)) * time.Second
+	switch {
+	case sMaxAge >= 0:
+		return time.Duration(sMaxAge)*time.Second - age, true
+	case maxAge >= 0:
+		return time.Duration(maxAge)*time.Second - age, true
+	}
+	if exp := m.Header["Expires"]; len(exp) > 0 {
+		e, err := http.ParseTime(exp[0])
+		if err != nil {
+			return 0, true // an invalid Expires means already expired
+		}
+		date := time.Unix(metaInt(m, metaStored), 0)
+		if d := m.Header[metaDate]; len(d) > 0 {
+			if t, err := http.ParseTime(d[0]); err == nil {
+				date = t
+			}
+		}
+		return e.Sub(date) - age, true
+	}
+	p, _, _ := strings.Cut(uri, "?")
+	switch {
+	case aptImmutable(p):
+		return 0, false
+	case aptIndex(p):
+		return h.indexTTL, true
+	}
+	return 0, false
+}
+
+// aptIndex reports whether p is a repository index that changes in place.
+func aptIndex(p string) bool {
+	base := path.Base(p)
+	switch {
+	case base == "InRelease" || base == "Release" || base == "Release.gpg":
+		return true
+	case strings.HasSuffix(p, ".diff/Index"):
+		return true
+	}
+	for _, prefix := range []string{"Packages", "Sources", "Contents", "Translation"} {
+		if strings.HasPrefix(base, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// aptImmutable reports whether p names content that never changes in
+// place: by-hash paths and package files.
+func aptImmutable(p string) bool {
+	if strings.Contains(p, "/by-hash/") {
+		return true
+	}
+	base := path.Base(p)
+	for _, ext := range []string{".deb", ".udeb", ".dsc"} {
+		if strings.HasSuffix(base, ext) {
+			return true
+		}
+	}
+	return strings.Contains(base, ".tar.")
+}
+
+// expiry returns when obj goes stale, and false when it never does.
+func (h *Handler) expiry(c *cache, obj *rangestore.Object, uri string) (time.Time, bool) {
+	m := obj.Meta()
+	ttl, expires := h.lifetime(m, uri)
+	if !expires {
+		return time.Time{}, false
+	}
+	c.mu.Lock()
+	validated, ok := c.validated[obj.ID()]
+	c.mu.Unlock()
+	if !ok {
+		validated = time.Unix(metaInt(m, metaStored), 0)
+	}
+	return validated.Add(ttl), true
+}
+
+// markValidated records that obj was confirmed current upstream now.
+func (c *cache) markValidated(obj *rangestore.Object) {
+	c.mu.Lock()
+	c.validated[obj.ID()] = time.Now()
+	c.mu.Unlock()
+}
