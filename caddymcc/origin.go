@@ -124,10 +124,43 @@ func classify(r *http.Request, allowed []originPattern) (request, error) {
 	if uri == "" || uri[0] != '/' {
 		return request{}, errNotAllowed{"path must start with /"}
 	}
+	key := host + removeDotSegments(uri)
 	if rest != "" {
 		uri += "?" + rest
+		key += "?" + rest
 	}
-	return request{origin: host, uri: uri, key: host + uri}, nil
+	return request{origin: host, uri: uri, key: key}, nil
+}
+
+// removeDotSegments resolves "." and ".." path segments (RFC 3986 section
+// 5.2.4) for the cache key, so /repo/./x.deb (what apt asks of a flat
+// repository) and /repo/x.deb share one entry, as they are one resource.
+// The upstream still gets the path as the client sent it.
+func removeDotSegments(p string) string {
+	if !strings.Contains(p, "/.") {
+		return p
+	}
+	segs := strings.Split(p[1:], "/")
+	out := make([]string, 0, len(segs))
+	for i, seg := range segs {
+		last := i == len(segs)-1
+		switch seg {
+		case ".":
+			if last {
+				out = append(out, "")
+			}
+		case "..":
+			if len(out) > 0 {
+				out = out[:len(out)-1]
+			}
+			if last {
+				out = append(out, "")
+			}
+		default:
+			out = append(out, seg)
+		}
+	}
+	return "/" + strings.Join(out, "/")
 }
 
 func allowedHost(host string, allowed []originPattern) bool {

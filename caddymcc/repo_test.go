@@ -7,6 +7,9 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/caddy-mcc/caddy-mcc/rangestore"
 )
 
 // rawRequest sends a request line and headers as written, as apt with
@@ -144,5 +147,62 @@ func TestStaleIndexServedWhenUpstreamIsDown(t *testing.T) {
 	}
 	if cs := resp.Header.Get("Cache-Status"); !strings.Contains(cs, "detail=stale-upstream-error") || !strings.Contains(cs, "ttl=-") {
 		t.Errorf("Cache-Status %q does not say the answer is stale", cs)
+	}
+}
+
+func TestRemoveDotSegments(t *testing.T) {
+	for in, want := range map[string]string{
+		"/a/b":            "/a/b",
+		"/repo/./x.deb":   "/repo/x.deb",
+		"/a/b/../c":       "/a/c",
+		"/a/b/..":         "/a/",
+		"/a/.":            "/a/",
+		"/../../etc/pass": "/etc/pass",
+		"/a/.hidden/x":    "/a/.hidden/x",
+		"/a/..b/x":        "/a/..b/x",
+	} {
+		if got := removeDotSegments(in); got != want {
+			t.Errorf("removeDotSegments(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestLifetimeFollowsOriginThenAptDefaults(t *testing.T) {
+	h := &Handler{indexTTL: defaultIndexTTL}
+	meta := func(kv ...string) rangestore.Meta {
+		m := rangestore.Meta{Header: map[string][]string{metaStored: {"1767225600"}}} // 2026-01-01
+		for i := 0; i+1 < len(kv); i += 2 {
+			m.Header[kv[i]] = append(m.Header[kv[i]], kv[i+1])
+		}
+		return m
+	}
+	cases := []struct {
+		name    string
+		m       rangestore.Meta
+		uri     string
+		ttl     time.Duration
+		expires bool
+	}{
+		{"max-age", meta("Cache-Control", "public, max-age=600"), "/f.swu", 600 * time.Second, true},
+		{"s-maxage wins", meta("Cache-Control", "max-age=600, s-maxage=60"), "/f.swu", 60 * time.Second, true},
+		{"age counts", meta("Cache-Control", "max-age=600", metaAge, "100"), "/f.swu", 500 * time.Second, true},
+		{"no-cache", meta("Cache-Control", "no-cache"), "/f.swu", 0, true},
+		{"private", meta("Cache-Control", "private, max-age=600"), "/f.swu", 0, true},
+		{"expires minus date", meta("Expires", "Thu, 01 Jan 2026 01:00:00 GMT", metaDate, "Thu, 01 Jan 2026 00:00:00 GMT"), "/f.swu", time.Hour, true},
+		{"bad expires is expired", meta("Expires", "0"), "/f.swu", 0, true},
+		{"InRelease default", meta(), "/debian/dists/stable/InRelease", 30 * time.Second, true},
+		{"Packages.xz default", meta(), "/debian/dists/stable/main/binary-amd64/Packages.xz", 30 * time.Second, true},
+		{"diff Index default", meta(), "/debian/dists/stable/main/binary-amd64/Packages.diff/Index", 30 * time.Second, true},
+		{"by-hash immutable", meta(), "/debian/dists/stable/main/binary-amd64/by-hash/SHA256/abcd", 0, false},
+		{"deb immutable", meta(), "/debian/pool/main/h/hello/hello_2.10_amd64.deb", 0, false},
+		{"orig tarball immutable", meta(), "/debian/pool/main/h/hello/hello_2.10.orig.tar.gz", 0, false},
+		{"update image never stale", meta(), "/westus2/inst/id/f.swu", 0, false},
+		{"origin max-age beats apt default", meta("Cache-Control", "max-age=5"), "/debian/dists/stable/InRelease", 5 * time.Second, true},
+	}
+	for _, c := range cases {
+		ttl, expires := h.lifetime(c.m, c.uri)
+		if ttl != c.ttl || expires != c.expires {
+			t.Errorf("%s: lifetime %s, expires %v; want %s, %v", c.name, ttl, expires, c.ttl, c.expires)
+		}
 	}
 }
