@@ -2,10 +2,13 @@ package caddymcc
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -204,5 +207,69 @@ func TestLifetimeFollowsOriginThenAptDefaults(t *testing.T) {
 		if ttl != c.ttl || expires != c.expires {
 			t.Errorf("%s: lifetime %s, expires %v; want %s, %v", c.name, ttl, expires, c.ttl, c.expires)
 		}
+	}
+}
+
+func TestConcurrentRevalidationsCollapseIntoOne(t *testing.T) {
+	o := newOrigin(t)
+	path := "/debian/dists/bookworm/InRelease"
+	want := o.add(path, 30*kib, 103)
+	o.setCacheControl(path, "max-age=0")
+	g := startGateway(t, o, "")
+	readAll(t, g.get(path, "origin.test"))
+	c := cacheOf(t, g)
+
+	release := newGate(t)
+	var mu sync.Mutex
+	conditional := 0
+	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
+		if r.Header.Get("If-None-Match") == "" {
+			return false
+		}
+		mu.Lock()
+		conditional++
+		mu.Unlock()
+		<-release.ch
+		return false // http.ServeContent answers 304
+	})
+	const n = 10
+	joined := c.stats.collapsed.Load()
+	var wg sync.WaitGroup
+	errs := make(chan string, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := testClient.Get(g.url + path + "?cacheHostOrigin=origin.test")
+			if err != nil {
+				errs <- err.Error()
+				return
+			}
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil || resp.StatusCode != 200 || sum(got) != sum(want) {
+				errs <- fmt.Sprintf("status %d err %v equal %v", resp.StatusCode, err, sum(got) == sum(want))
+			}
+		}()
+	}
+	// Every client but the first joins the first one's revalidation; the
+	// counter says when they all have (bounded, in case one never does).
+	for deadline := time.Now().Add(10 * time.Second); c.stats.collapsed.Load()-joined < n-1; {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d clients joined the revalidation", c.stats.collapsed.Load()-joined, n-1)
+		}
+		runtime.Gosched()
+	}
+	release.open()
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	waitAllFills()
+	mu.Lock()
+	defer mu.Unlock()
+	if conditional != 1 {
+		t.Errorf("%d conditional requests reached the origin, want 1", conditional)
 	}
 }

@@ -105,6 +105,8 @@ func (h *Handler) revalidate(r *http.Request, next caddyhttp.Handler, req reques
 	if f == nil {
 		f = c.startFill(h, r, next, req, nil, 0, 0, cond)
 		c.revalidating[req.key] = f
+	} else {
+		c.stats.collapsed.Add(1)
 	}
 	c.mu.Unlock()
 	fresh, err := f.headers(r.Context())
