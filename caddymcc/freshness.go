@@ -14,7 +14,9 @@ import (
 // files change while package files and update images never do.
 //
 // An object is fresh for the lifetime its origin gave it (s-maxage,
-// max-age, or Expires - Date; no-cache, no-store and private mean zero),
+// max-age, or Expires - Date; no-cache, no-store and private mean zero:
+// such an object is revalidated before every answer; it is stored all the
+// same, because fills stream through the store),
 // counted from when it was last fetched or validated, less the Age it
 // arrived with. Without any of those, apt's index files (InRelease,
 // Packages*, ...) are fresh for IndexTTL and everything else never goes

@@ -273,3 +273,29 @@ func TestConcurrentRevalidationsCollapseIntoOne(t *testing.T) {
 		t.Errorf("%d conditional requests reached the origin, want 1", conditional)
 	}
 }
+
+func TestNoStoreAndPrivateRevalidateEveryTime(t *testing.T) {
+	for _, cc := range []string{"no-store", "private, max-age=600", "no-cache"} {
+		t.Run(cc, func(t *testing.T) {
+			o := newOrigin(t)
+			want := o.add("/secret.bin", 200*kib, 104)
+			o.setCacheControl("/secret.bin", cc)
+			g := startGateway(t, o, "")
+			for i := 0; i < 3; i++ {
+				resp := g.get("/secret.bin", "origin.test")
+				got := readAll(t, resp)
+				if resp.StatusCode != 200 || sum(got) != sum(want) {
+					t.Fatalf("request %d: status %d, equal %v", i, resp.StatusCode, sum(got) == sum(want))
+				}
+				if cs := resp.Header.Get("Cache-Status"); cs == "caddy-mcc; hit" {
+					t.Errorf("request %d answered as a plain hit", i)
+				}
+				g.waitFills()
+			}
+			// One fetch, then a conditional request for each answer.
+			if n := len(o.log()); n < 3 {
+				t.Errorf("origin asked %d times for 3 requests: not revalidated every time", n)
+			}
+		})
+	}
+}
