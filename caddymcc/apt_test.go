@@ -11,9 +11,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // aptRepo is a tiny flat apt repository served by a counting file origin.
@@ -135,16 +132,7 @@ func (c *aptClient) apt(args ...string) string {
 	return run(c.t, filepath.Join(c.dir, "work"), "apt-get", append(base, args...)...)
 }
 
-const aptChainConfig = `{
-	admin {{admin}}
-	auto_https off
-	persist_config off
-	storage file_system {{dir}}/caddy
-	log {
-		level ERROR
-	}
-}
-http://:{{top}} {
+const aptChainConfig = testGlobals + `http://:{{top}} {
 	bind 127.0.0.1
 	mcc {
 		dir {{dir}}/top
@@ -185,14 +173,7 @@ func TestRealAptThroughTwoLevels(t *testing.T) {
 	top, bottom := freePort(t), freePort(t)
 	cfg := strings.NewReplacer("{{admin}}", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "{{dir}}", dir,
 		"{{top}}", fmt.Sprint(top), "{{bottom}}", fmt.Sprint(bottom), "{{origin}}", strings.TrimPrefix(repo.srv.URL, "http://")).Replace(aptChainConfig)
-	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(adapted, true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { caddy.Stop() })
+	startCaddyfile(t, cfg)
 	proxy := fmt.Sprintf("http://127.0.0.1:%d/", bottom)
 
 	first := newAptClient(t, proxy)

@@ -14,22 +14,12 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // chainConfig is one Caddy config with three gateways on loopback: top
 // (dials the origin), middle (whose parent is top) and bottom (whose parent
 // is middle), each with a store of its own, as nested ISA-95 levels are.
-const chainConfig = `{
-	admin {{admin}}
-	auto_https off
-	persist_config off
-	storage file_system {{dir}}/caddy
-	log {
-		level ERROR
-	}
-}
-http://:{{top}} {
+const chainConfig = testGlobals + `http://:{{top}} {
 	bind 127.0.0.1
 	mcc {
 		dir {{dir}}/top
@@ -88,14 +78,7 @@ func startChain(t *testing.T, o *testOrigin, loop bool) *chain {
 	r := strings.NewReplacer("{{admin}}", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "{{dir}}", dir,
 		"{{top}}", fmt.Sprint(ports[0]), "{{middle}}", fmt.Sprint(ports[1]), "{{bottom}}", fmt.Sprint(ports[2]),
 		"{{origin}}", o.addr(), "{{middle_parent}}", parent)
-	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(chainConfig)), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { caddy.Stop() })
+	startCaddyfile(t, r.Replace(chainConfig))
 	url := func(p int) string { return fmt.Sprintf("http://127.0.0.1:%d", p) }
 	return &chain{url(ports[0]), url(ports[1]), url(ports[2]), dir}
 }
@@ -201,16 +184,7 @@ func TestForwardingLoopIsRefusedWith508(t *testing.T) {
 
 // failoverConfig is a child gateway with two parents, the first of which
 // is down: reverse_proxy's own load balancing moves on to the second.
-const failoverConfig = `{
-	admin {{admin}}
-	auto_https off
-	persist_config off
-	storage file_system {{dir}}/caddy
-	log {
-		level ERROR
-	}
-}
-http://:{{top}} {
+const failoverConfig = testGlobals + `http://:{{top}} {
 	bind 127.0.0.1
 	mcc {
 		dir {{dir}}/top
@@ -248,14 +222,7 @@ func startFailover(t *testing.T, o *testOrigin, parents string) (top, child stri
 	r := strings.NewReplacer("{{admin}}", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "{{dir}}", dir,
 		"{{top}}", fmt.Sprint(tp), "{{child}}", fmt.Sprint(cp), "{{origin}}", o.addr(),
 		"{{parents}}", strings.ReplaceAll(parents, "TOP", fmt.Sprintf("127.0.0.1:%d", tp)))
-	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(failoverConfig)), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { caddy.Stop() })
+	startCaddyfile(t, r.Replace(failoverConfig))
 	return fmt.Sprintf("http://127.0.0.1:%d", tp), fmt.Sprintf("http://127.0.0.1:%d", cp)
 }
 
@@ -329,12 +296,7 @@ func TestTopLevelThroughOutboundProxy(t *testing.T) {
 	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
 	cfg := strings.Replace(gatewayConfig, "reverse_proxy {{origin}} {", "reverse_proxy {{origin}} {\n\t\ttransport http {\n\t\t\tnetwork_proxy url "+proxy.URL+"\n\t\t}", 1)
 	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "")
-	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(cfg)), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g.load(adapted)
-	t.Cleanup(func() { caddy.Stop() })
+	startCaddyfile(t, r.Replace(cfg))
 
 	resp := g.get("/px.swu", "origin.test")
 	got := readAll(t, resp)
@@ -354,16 +316,7 @@ func TestTopLevelThroughOutboundProxy(t *testing.T) {
 // scaleConfig is a front Caddy spreading clients over two cache nodes by a
 // consistent hash of the URI (cacheHostOrigin included), with passive
 // health checks, as README's scale-out section has it.
-const scaleConfig = `{
-	admin {{admin}}
-	auto_https off
-	persist_config off
-	storage file_system {{dir}}/caddy
-	log {
-		level ERROR
-	}
-}
-http://:{{front}} {
+const scaleConfig = testGlobals + `http://:{{front}} {
 	bind 127.0.0.1
 	reverse_proxy 127.0.0.1:{{n1}} 127.0.0.1:{{n2}} {
 		lb_policy uri_hash
@@ -419,13 +372,7 @@ func TestScaleOutStoresEachObjectOnOneNode(t *testing.T) {
 		for k, v := range ports {
 			cfg = strings.ReplaceAll(cfg, k, v)
 		}
-		adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), map[string]any{"filename": "Caddyfile"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := caddy.Load(adapted, true); err != nil {
-			t.Fatal(err)
-		}
+		loadCaddyfile(t, cfg)
 	}
 	load(true)
 	t.Cleanup(func() { caddy.Stop() })
@@ -551,13 +498,7 @@ func TestChildReachesParentOverTLSInternal(t *testing.T) {
 		for k, v := range vals {
 			cfg = strings.ReplaceAll(cfg, k, v)
 		}
-		adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), map[string]any{"filename": "Caddyfile"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := caddy.Load(adapted, true); err != nil {
-			t.Fatal(err)
-		}
+		loadCaddyfile(t, cfg)
 	}
 	// The parent first: starting it creates the internal CA whose root
 	// the child is then configured to trust.

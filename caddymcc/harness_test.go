@@ -163,16 +163,7 @@ type gateway struct {
 
 // gatewayConfig is the Caddyfile of a test gateway: a top gateway whose
 // reverse_proxy dials the test origin and sends the origin's host.
-const gatewayConfig = `{
-	admin {{admin}}
-	auto_https off
-	persist_config off
-	storage file_system {{dir}}/caddy
-	log {
-		level ERROR
-	}
-}
-http://:{{port}} {
+const gatewayConfig = testGlobals + `http://:{{port}} {
 	bind 127.0.0.1
 	mcc {
 		dir {{dir}}/store
@@ -207,14 +198,7 @@ func startGateway(t *testing.T, o *testOrigin, extra string) *gateway {
 
 func (g *gateway) config(o *testOrigin, port int, extra string) []byte {
 	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "\n\t\t"+extra)
-	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(gatewayConfig)), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		g.t.Fatalf("adapting Caddyfile: %v", err)
-	}
-	for _, w := range warnings {
-		g.t.Logf("caddyfile: %s", w.String())
-	}
-	return cfg
+	return adapt(g.t, r.Replace(gatewayConfig))
 }
 
 func (g *gateway) load(cfg []byte) {
@@ -292,4 +276,44 @@ func waitAllFills() {
 		v.(*cache).running.Wait()
 		return true
 	})
+}
+
+// testGlobals is the global options block of the test configs: the admin
+// API on loopback, no automatic HTTPS, nothing persisted outside the
+// test's directory, quiet logs.
+const testGlobals = `{
+	admin {{admin}}
+	auto_https off
+	persist_config off
+	storage file_system {{dir}}/caddy
+	log {
+		level ERROR
+	}
+}
+`
+
+// adapt turns a test Caddyfile into JSON config.
+func adapt(t *testing.T, text string) []byte {
+	t.Helper()
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(text), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatalf("adapting Caddyfile: %v", err)
+	}
+	return cfg
+}
+
+// loadCaddyfile loads a test Caddyfile into this process's Caddy (a
+// reload when one is running); startCaddyfile also stops Caddy when the
+// test ends.
+func loadCaddyfile(t *testing.T, text string) {
+	t.Helper()
+	if err := caddy.Load(adapt(t, text), true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+}
+
+func startCaddyfile(t *testing.T, text string) {
+	t.Helper()
+	loadCaddyfile(t, text)
+	t.Cleanup(func() { caddy.Stop() })
 }

@@ -71,11 +71,7 @@ func opsConfig(t *testing.T, g *gateway, o *testOrigin, summaryPort int) []byte 
 		"http://:{{sport}} {\n\tbind 127.0.0.1\n\tmcc_summary {\n\t\tdir {{dir}}/store\n\t}\n}\n"
 	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", strconv.Itoa(gatewayPort(g)),
 		"{{origin}}", o.addr(), "{{extra}}", "", "{{sport}}", strconv.Itoa(summaryPort))
-	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(r.Replace(text)), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		t.Fatalf("adapting Caddyfile: %v", err)
-	}
-	return cfg
+	return adapt(t, r.Replace(text))
 }
 
 // startOpsGateway starts the harness's gateway with the summary mounted,
