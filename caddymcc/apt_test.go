@@ -15,12 +15,13 @@ import (
 
 // aptRepo is a tiny flat apt repository served by a counting file origin.
 type aptRepo struct {
-	t    *testing.T
-	dir  string // served root; the repository is dir/repo
-	srv  *httptest.Server
-	mu   sync.Mutex
-	sent int64
-	debs int // requests for .deb files
+	t     *testing.T
+	dir   string // served root; the repository is dir/repo
+	srv   *httptest.Server
+	mu    sync.Mutex
+	sent  int64
+	debs  int            // requests for .deb files
+	paths map[string]int // requests per path
 }
 
 func newAptRepo(t *testing.T) *aptRepo {
@@ -32,15 +33,16 @@ func newAptRepo(t *testing.T) *aptRepo {
 			t.Skipf("%s is not installed", tool)
 		}
 	}
-	a := &aptRepo{t: t, dir: t.TempDir()}
+	a := &aptRepo{t: t, dir: t.TempDir(), paths: make(map[string]int)}
 	files := http.FileServer(http.Dir(a.dir))
 	a.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		cw := &aptCounter{ResponseWriter: w, a: a}
+		a.mu.Lock()
 		if strings.HasSuffix(r.URL.Path, ".deb") {
-			a.mu.Lock()
 			a.debs++
-			a.mu.Unlock()
 		}
+		a.paths[r.URL.Path]++
+		a.mu.Unlock()
 		files.ServeHTTP(cw, r)
 	}))
 	t.Cleanup(a.srv.Close)
@@ -58,6 +60,14 @@ func (c *aptCounter) Write(p []byte) (int, error) {
 	c.a.sent += int64(n)
 	c.a.mu.Unlock()
 	return n, err
+}
+
+// asked returns how often the origin was asked for path.
+func (a *aptRepo) asked(path string) int {
+	waitAllFills()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.paths[path]
 }
 
 func (a *aptRepo) counts() (sent int64, debs int) {
@@ -119,7 +129,9 @@ func newAptClient(t *testing.T, proxy string) *aptClient {
 	return c
 }
 
-func (c *aptClient) apt(args ...string) string {
+func (c *aptClient) apt(args ...string) string { return c.tool("apt-get", args...) }
+
+func (c *aptClient) tool(name string, args ...string) string {
 	base := []string{
 		"-o", "Dir=" + c.dir,
 		"-o", "Dir::State::status=" + filepath.Join(c.dir, "var/lib/dpkg/status"),
@@ -129,7 +141,7 @@ func (c *aptClient) apt(args ...string) string {
 		"-o", "Debug::NoLocking=1",
 		"-q",
 	}
-	return run(c.t, filepath.Join(c.dir, "work"), "apt-get", append(base, args...)...)
+	return run(c.t, filepath.Join(c.dir, "work"), name, append(base, args...)...)
 }
 
 const aptChainConfig = testGlobals + `http://:{{top}} {
@@ -139,7 +151,6 @@ const aptChainConfig = testGlobals + `http://:{{top}} {
 		block_size 64KiB
 		min_free 0
 		origins origin.test
-		index_ttl 1ns
 		name top
 	}
 	reverse_proxy {{origin}} {
@@ -154,7 +165,6 @@ http://:{{bottom}} {
 		block_size 64KiB
 		min_free 0
 		origins origin.test
-		index_ttl 1ns
 		name bottom
 	}
 	reverse_proxy 127.0.0.1:{{top}}
@@ -162,8 +172,8 @@ http://:{{bottom}} {
 `
 
 // TestRealAptThroughTwoLevels runs apt-get update and download through a
-// two-level chain in apt's proxy mode. index_ttl is 1ns here so that the
-// test need not wait out the default 30s before the new version is seen.
+// two-level chain in apt's proxy mode, with the default index_ttl (30s),
+// which the test waits out by moving the freshness clock.
 func TestRealAptThroughTwoLevels(t *testing.T) {
 	repo := newAptRepo(t)
 	t0 := time.Now().Add(-time.Hour).Truncate(time.Second)
@@ -208,8 +218,22 @@ func TestRealAptThroughTwoLevels(t *testing.T) {
 		t.Errorf("cacheHostOrigin form: equal %v, Cache-Status %q; want a hit shared with the proxy form", sum(got) == sum(want), resp.Header.Get("Cache-Status"))
 	}
 
-	// A new version is published; the next update sees it, no hash mismatch.
+	// A new version is published. Within the index TTL apt still sees 1.0
+	// (and asks the origin for nothing); past it, the next update sees 1.1
+	// with no hash mismatch.
 	repo.publish("1.1", t0.Add(time.Minute))
+	releases := repo.asked("/repo/Release")
+	if out := first.apt("update"); strings.Contains(out, "mismatch") {
+		t.Fatalf("apt-get update within the TTL:\n%s", out)
+	}
+	if n := repo.asked("/repo/Release"); n != releases {
+		t.Errorf("an update within the index TTL asked the origin for Release (%d -> %d)", releases, n)
+	}
+	if policy := first.tool("apt-cache", "policy", "mcc-hello"); !strings.Contains(policy, "Candidate: 1.0") {
+		t.Fatalf("within the TTL apt should still see 1.0:\n%s", policy)
+	}
+	freshnessSkew.Store(int64(defaultIndexTTL + time.Second))
+	t.Cleanup(func() { freshnessSkew.Store(0) })
 	out := first.apt("update")
 	if strings.Contains(out, "Hash Sum mismatch") || strings.Contains(out, "mismatch") {
 		t.Fatalf("apt-get update after the new version:\n%s", out)

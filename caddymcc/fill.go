@@ -397,7 +397,7 @@ func (w *fillWriter) WriteHeader(code int) {
 		w.pass = &upstreamResponse{status: code, header: h}
 		return
 	}
-	stampMeta(&meta, w.header, time.Now())
+	stampMeta(&meta, w.header, freshnessNow())
 	if err := w.pin(meta); err != nil {
 		w.failed = err
 		return

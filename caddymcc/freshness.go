@@ -5,6 +5,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddy-mcc/caddy-mcc/rangestore"
@@ -27,6 +28,12 @@ import (
 // handler before it is served (collapsed across clients): a 304 makes it
 // fresh again, a new version replaces it, and when the upstream fails the
 // stale copy is served for up to StaleIfError past its expiry.
+
+// freshnessSkew moves the clock of freshness decisions forward, for tests
+// that would otherwise wait out a TTL; zero in production.
+var freshnessSkew atomic.Int64
+
+func freshnessNow() time.Time { return time.Now().Add(time.Duration(freshnessSkew.Load())) }
 
 // Internal metadata kept with an object, never sent to clients.
 const (
@@ -154,6 +161,6 @@ func (h *Handler) expiry(c *cache, obj *rangestore.Object, uri string) (time.Tim
 // markValidated records that obj was confirmed current upstream now.
 func (c *cache) markValidated(obj *rangestore.Object) {
 	c.mu.Lock()
-	c.validated[obj.ID()] = time.Now()
+	c.validated[obj.ID()] = freshnessNow()
 	c.mu.Unlock()
 }

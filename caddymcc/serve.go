@@ -26,7 +26,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		if errors.Is(err, rangestore.ErrNotFound) {
 			obj, learned, err = h.learn(r, next, req, c, store)
 		} else if err == nil {
-			if expires, ok := h.expiry(c, obj, req.uri); ok && !time.Now().Before(expires) {
+			if expires, ok := h.expiry(c, obj, req.uri); ok && !freshnessNow().Before(expires) {
 				obj, learned, note, err = h.revalidate(r, next, req, c, store, obj, expires)
 			}
 		}
@@ -130,10 +130,10 @@ func (h *Handler) revalidate(r *http.Request, next caddyhttp.Handler, req reques
 		obj.Close()
 		return nil, nil, "", err
 	}
-	if r.Context().Err() == nil && time.Since(expired) <= h.staleOK {
+	if r.Context().Err() == nil && freshnessNow().Sub(expired) <= h.staleOK {
 		// RFC 9111 section 4.2.4 and RFC 5861 stale-if-error; a negative
 		// ttl in Cache-Status marks a stale answer (RFC 9211 section 2.5).
-		ttl := int64(time.Until(expired).Seconds()) - 1
+		ttl := int64(expired.Sub(freshnessNow()).Seconds()) - 1
 		return obj, nil, "hit; ttl=" + strconv.FormatInt(ttl, 10) + "; detail=stale-upstream-error", nil
 	}
 	obj.Close()
