@@ -47,6 +47,11 @@ type fill struct {
 	upstreamStatus string
 	// notModified: a conditional fill got 304, the stored version is current.
 	notModified bool
+	// learners counts clients still to take their handle on the object
+	// through headers; a transient object (no-store), which no later
+	// lookup finds, stays open for them after the fill ends (kept).
+	learners int
+	kept     *rangestore.Object
 }
 
 // upstreamResponse is a non-success answer from upstream (an origin's 404,
@@ -83,13 +88,17 @@ func (f *fill) notifyLocked() {
 // it for the caller to close; nil and the fill's error when it failed
 // before; nil, nil when it ended and the object is to be looked up.
 func (f *fill) headers(ctx context.Context) (*rangestore.Object, error) {
+	defer f.learned()
 	for {
 		f.mu.Lock()
 		obj, done, err, wake := f.obj, f.done, f.err, f.wake
-		if obj != nil && !done {
+		switch {
+		case obj != nil && !done:
 			// The fill closes its handle only after marking itself done,
 			// under f.mu: obj is still open here.
 			obj = obj.Dup()
+		case done && f.kept != nil:
+			obj, done = f.kept.Dup(), false
 		}
 		f.mu.Unlock()
 		switch {
@@ -105,6 +114,29 @@ func (f *fill) headers(ctx context.Context) (*rangestore.Object, error) {
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+	}
+}
+
+// join records a client that will take its handle through headers. c.mu
+// must be held, so the fill cannot have left the learning maps.
+func (f *fill) join() {
+	f.mu.Lock()
+	f.learners++
+	f.mu.Unlock()
+}
+
+// learned records that one learner took its handle (or gave up); the last
+// one releases a kept transient object.
+func (f *fill) learned() {
+	f.mu.Lock()
+	f.learners--
+	var release *rangestore.Object
+	if f.learners == 0 && f.done {
+		release, f.kept = f.kept, nil
+	}
+	f.mu.Unlock()
+	if release != nil {
+		release.Close()
 	}
 }
 
@@ -302,6 +334,10 @@ func (f *fill) settle(obj *rangestore.Object, err error, start, end int64) {
 	if f.obj == nil {
 		f.obj = obj
 	}
+	if obj != nil && f.learners > 0 && obj.Key() == "" {
+		// A transient object: learners yet to come could not find it.
+		f.kept, obj = obj, nil
+	}
 	f.notifyLocked()
 	f.mu.Unlock()
 	if obj != nil {
@@ -421,6 +457,16 @@ func (w *fillWriter) pin(meta rangestore.Meta) error {
 			return fmt.Errorf("%w: stored etag %q length %d, upstream etag %q length %d",
 				errIdentityChanged, w.obj.Meta().ETag, w.obj.Size(), meta.ETag, meta.Length)
 		}
+	} else if uncacheable(meta) {
+		// no-store or private: stream it to this fill's clients from an
+		// object under no key, gone when they are done (RFC 9111 section
+		// 3); a version stored before goes too.
+		c.store.Invalidate(f.key)
+		obj, err := c.store.CreateTransient(meta)
+		if err != nil {
+			return err
+		}
+		w.obj = obj
 	} else {
 		obj, err := c.store.Create(f.key, meta)
 		if errors.Is(err, rangestore.ErrIdentityMismatch) {

@@ -15,9 +15,8 @@ import (
 // files change while package files and update images never do.
 //
 // An object is fresh for the lifetime its origin gave it (s-maxage,
-// max-age, or Expires - Date; no-cache, no-store and private mean zero:
-// such an object is revalidated before every answer; it is stored all the
-// same, because fills stream through the store),
+// max-age, or Expires - Date; no-cache means zero; no-store and private
+// responses are never kept, see fillWriter.pin),
 // counted from when it was last fetched or validated, less the Age it
 // arrived with. Without any of those, apt's index files (InRelease,
 // Packages*, ...) are fresh for IndexTTL and everything else never goes
@@ -140,6 +139,20 @@ func aptImmutable(p string) bool {
 		}
 	}
 	return strings.Contains(base, ".tar.")
+}
+
+// uncacheable reports whether a response may not be kept for later
+// requests: Cache-Control no-store, or private (this is a shared cache).
+func uncacheable(m rangestore.Meta) bool {
+	for _, v := range m.Header["Cache-Control"] {
+		for _, d := range strings.Split(strings.ToLower(v), ",") {
+			name, _, _ := strings.Cut(strings.TrimSpace(d), "=")
+			if name == "no-store" || name == "private" {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // expiry returns when obj goes stale, and false when it never does.

@@ -6,11 +6,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-mcc/caddy-mcc/rangestore"
 )
@@ -274,28 +277,99 @@ func TestConcurrentRevalidationsCollapseIntoOne(t *testing.T) {
 	}
 }
 
-func TestNoStoreAndPrivateRevalidateEveryTime(t *testing.T) {
-	for _, cc := range []string{"no-store", "private, max-age=600", "no-cache"} {
+func TestNoStoreAndPrivateAreNeverKept(t *testing.T) {
+	for _, cc := range []string{"no-store", "private, max-age=600"} {
 		t.Run(cc, func(t *testing.T) {
 			o := newOrigin(t)
-			want := o.add("/secret.bin", 200*kib, 104)
+			want := o.add("/secret.bin", 700*kib, 104) // several fills
 			o.setCacheControl("/secret.bin", cc)
 			g := startGateway(t, o, "")
-			for i := 0; i < 3; i++ {
+			c := cacheOf(t, g)
+			for i := 0; i < 2; i++ {
 				resp := g.get("/secret.bin", "origin.test")
 				got := readAll(t, resp)
 				if resp.StatusCode != 200 || sum(got) != sum(want) {
 					t.Fatalf("request %d: status %d, equal %v", i, resp.StatusCode, sum(got) == sum(want))
 				}
-				if cs := resp.Header.Get("Cache-Status"); cs == "caddy-mcc; hit" {
-					t.Errorf("request %d answered as a plain hit", i)
+				if cs := resp.Header.Get("Cache-Status"); !strings.Contains(cs, "fwd=miss") {
+					t.Errorf("request %d: Cache-Status %q, want a miss every time", i, cs)
 				}
-				g.waitFills()
+				if st := c.store.Stats(); st.Objects != 0 {
+					t.Errorf("after request %d: %d objects indexed", i, st.Objects)
+				}
 			}
-			// One fetch, then a conditional request for each answer.
-			if n := len(o.log()); n < 3 {
-				t.Errorf("origin asked %d times for 3 requests: not revalidated every time", n)
+			if sent := o.bytesSent(); sent != 2*int64(len(want)) {
+				t.Errorf("origin sent %d bytes for two requests of %d", sent, len(want))
 			}
+			expectNoDataFiles(t, g)
 		})
+	}
+}
+
+func TestNoCacheRevalidatesEveryTime(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/nc.bin", 200*kib, 105)
+	o.setCacheControl("/nc.bin", "no-cache")
+	g := startGateway(t, o, "")
+	for i := 0; i < 3; i++ {
+		resp := g.get("/nc.bin", "origin.test")
+		got := readAll(t, resp)
+		if resp.StatusCode != 200 || sum(got) != sum(want) {
+			t.Fatalf("request %d: status %d, equal %v", i, resp.StatusCode, sum(got) == sum(want))
+		}
+		if cs := resp.Header.Get("Cache-Status"); i > 0 && cs != "caddy-mcc; fwd=stale; fwd-status=304" {
+			t.Errorf("request %d: Cache-Status %q, want a 304 revalidation", i, cs)
+		}
+	}
+	if sent := o.bytesSent(); sent != int64(len(want)) {
+		t.Errorf("origin sent %d body bytes; want the object once, then 304s", sent)
+	}
+}
+
+func TestConcurrentNoStoreClientsAllGetTheirBytes(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/ns.bin", 30*kib, 106)
+	o.setCacheControl("/ns.bin", "no-store")
+	g := startGateway(t, o, "")
+	c := cacheOf(t, g)
+	var wg sync.WaitGroup
+	errs := make(chan string, 20)
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := testClient.Get(g.url + "/ns.bin?cacheHostOrigin=origin.test")
+			if err != nil {
+				errs <- err.Error()
+				return
+			}
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil || resp.StatusCode != 200 || sum(got) != sum(want) {
+				errs <- fmt.Sprintf("status %d err %v equal %v", resp.StatusCode, err, sum(got) == sum(want))
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	if st := c.store.Stats(); st.Objects != 0 {
+		t.Errorf("%d objects indexed of a no-store response", st.Objects)
+	}
+	expectNoDataFiles(t, g)
+}
+
+// expectNoDataFiles stops Caddy, which waits for every request to end and
+// closes the store, and checks that no object data is left on disk.
+func expectNoDataFiles(t *testing.T, g *gateway) {
+	t.Helper()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	files, _ := filepath.Glob(filepath.Join(g.storeDir(), "data", "*", "*"))
+	if len(files) != 0 {
+		t.Errorf("data files left of a no-store response: %v", files)
 	}
 }

@@ -76,6 +76,7 @@ func (h *Handler) learn(r *http.Request, next caddyhttp.Handler, req request, c 
 		f = c.startFill(h, r, next, req, nil, first, last, nil)
 		c.learning[req.key] = f
 	}
+	f.join()
 	c.mu.Unlock()
 	obj, err := f.headers(r.Context())
 	if err == nil && obj == nil {
@@ -108,6 +109,7 @@ func (h *Handler) revalidate(r *http.Request, next caddyhttp.Handler, req reques
 	} else {
 		c.stats.collapsed.Add(1)
 	}
+	f.join()
 	c.mu.Unlock()
 	fresh, err := f.headers(r.Context())
 	if err == nil && fresh == nil && !f.wasNotModified() {

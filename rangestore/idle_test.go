@@ -1,6 +1,7 @@
 package rangestore
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -89,5 +90,46 @@ func TestKeepBytesSurviveAbort(t *testing.T) {
 		if o.HasBlock(0) {
 			t.Fatal("an aborted block is present")
 		}
+	}
+}
+
+func TestTransientObjectIsNeverKept(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir, Options{BlockSize: MinBlockSize})
+	m := metaV(2*MinBlockSize, 1)
+	o, err := s.CreateTransient(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := o.Dup()
+	writeBlock(t, o, 0, 0)
+	writeBlock(t, o, 1, 1000)
+	o.Close()
+	// Its holder reads every byte, while it stays out of every listing.
+	checkObject(t, reader)
+	if st := s.Stats(); st.Objects != 0 || st.BytesPresent != 2*MinBlockSize {
+		t.Errorf("while held: %d objects, %d bytes present; want 0 and the two blocks counted", st.Objects, st.BytesPresent)
+	}
+	if _, err := s.Get(""); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get found a transient object: %v", err)
+	}
+	reader.Close()
+	if st := s.Stats(); st.BytesPresent != 0 {
+		t.Errorf("after the last close: %d bytes present", st.BytesPresent)
+	}
+	if files := dataFiles(t, dir); len(files) != 0 {
+		t.Errorf("data files left: %v", files)
+	}
+	// Nothing of it comes back after a crash.
+	o2, _ := s.CreateTransient(m)
+	writeBlock(t, o2, 0, 0)
+	s.crash()
+	s2 := openStore(t, dir, Options{BlockSize: MinBlockSize})
+	defer s2.Close()
+	if st := s2.Stats(); st.Objects != 0 || st.BytesPresent != 0 {
+		t.Errorf("after a crash: %d objects, %d bytes", st.Objects, st.BytesPresent)
+	}
+	if files := dataFiles(t, dir); len(files) != 0 {
+		t.Errorf("data files left after a crash and reopen: %v", files)
 	}
 }

@@ -353,22 +353,24 @@ func (w *BlockWriter) Commit() error {
 	case e.deleted:
 		return ErrGone
 	}
-	s.enc.b = s.enc.b[:0]
-	s.enc.byte(recBlock)
-	s.enc.uint(e.gen)
-	s.enc.uint(uint64(w.i))
-	s.enc.u32(w.crc)
-	if err := s.appendRecord(); err != nil {
-		// The block stays missing; give its disk space back, which on a
-		// full disk is what the next attempt needs.
-		w.punch()
-		return err
+	if !e.transient {
+		s.enc.b = s.enc.b[:0]
+		s.enc.byte(recBlock)
+		s.enc.uint(e.gen)
+		s.enc.uint(uint64(w.i))
+		s.enc.u32(w.crc)
+		if err := s.appendRecord(); err != nil {
+			// The block stays missing; give its disk space back, which on
+			// a full disk is what the next attempt needs.
+			w.punch()
+			return err
+		}
+		s.recent = append(s.recent, blockRef{e, w.i})
 	}
 	e.crc[w.i] = w.crc
 	e.set(w.i)
 	e.presentBytes += w.n
 	s.used += w.n
-	s.recent = append(s.recent, blockRef{e, w.i})
 	return nil
 }
 

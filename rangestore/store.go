@@ -157,6 +157,7 @@ type entry struct {
 	presentBytes int64
 	refs         int
 	deleted      bool
+	transient    bool // from CreateTransient: under no key, gone at last close
 	hasFile      bool
 	lastAccess   int64 // unix nanoseconds
 	elem         *list.Element
@@ -412,7 +413,7 @@ func (s *Store) releaseLocked(e *entry) {
 		return
 	}
 	s.touch(e)
-	if e.deleted {
+	if e.deleted || e.transient {
 		s.unlink(e)
 		return
 	}
@@ -541,6 +542,27 @@ func (s *Store) unlink(e *entry) {
 	}
 	s.used -= e.presentBytes
 	e.presentBytes = 0
+}
+
+// CreateTransient makes an object stored under no key, for bytes that may
+// be written to stream them to their readers but must not be kept (an HTTP
+// response marked no-store): Get never finds it, it is not journalled, it
+// counts against the disk budget while it lives, and its data file is
+// unlinked when its last handle closes (and removed at Open after a crash).
+// The caller must Close it.
+func (s *Store) CreateTransient(meta Meta) (*Object, error) {
+	if meta.Length < 0 {
+		return nil, fmt.Errorf("rangestore: negative length %d", meta.Length)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	s.nextGen++
+	e := s.newEntry("", s.nextGen, cloneMeta(meta))
+	e.transient = true
+	return s.ref(e), nil
 }
 
 // Invalidate removes the object key; it reports whether there was one.
