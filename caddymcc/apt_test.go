@@ -144,32 +144,9 @@ func (c *aptClient) tool(name string, args ...string) string {
 	return run(c.t, filepath.Join(c.dir, "work"), name, append(base, args...)...)
 }
 
-const aptChainConfig = testGlobals + `http://:{{top}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/top
-		block_size 64KiB
-		min_free 0
-		origins origin.test
-		name top
-	}
-	reverse_proxy {{origin}} {
-		rewrite {http.mcc.origin_uri}
-		header_up Host {http.mcc.origin_host}
-	}
-}
-http://:{{bottom}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/bottom
-		block_size 64KiB
-		min_free 0
-		origins origin.test
-		name bottom
-	}
-	reverse_proxy 127.0.0.1:{{top}}
-}
-`
+var aptChainConfig = testGlobals +
+	cacheSite("{{top}}", "top", "", toOrigin) +
+	cacheSite("{{bottom}}", "bottom", "", "reverse_proxy 127.0.0.1:{{top}}")
 
 // TestRealAptThroughTwoLevels runs apt-get update and download through a
 // two-level chain in apt's proxy mode, with the default index_ttl (30s),

@@ -19,46 +19,25 @@ import (
 // chainConfig is one Caddy config with three gateways on loopback: top
 // (dials the origin), middle (whose parent is top) and bottom (whose parent
 // is middle), each with a store of its own, as nested ISA-95 levels are.
-const chainConfig = testGlobals + `http://:{{top}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/top
-		block_size 64KiB
-		read_ahead 256KiB
-		min_free 0
-		origins origin.test
-		name top
+// cacheSite is the Caddyfile site of one test cache level named name on
+// port (a placeholder such as {{top}}), its store in {{dir}}/name, with
+// extra mcc lines and the proxy line(s) that fill its misses.
+func cacheSite(port, name, extra, proxy string) string {
+	if extra != "" {
+		extra = "\t\t" + extra + "\n"
 	}
-	reverse_proxy {{origin}} {
-		rewrite {http.mcc.origin_uri}
-		header_up Host {http.mcc.origin_host}
-	}
+	return "http://:" + port + " {\n\tbind 127.0.0.1\n\tmcc {\n\t\tdir {{dir}}/" + name +
+		"\n\t\tblock_size 64KiB\n\t\tmin_free 0\n\t\torigins origin.test\n\t\tname " + name + "\n" + extra +
+		"\t}\n\t" + proxy + "\n}\n"
 }
-http://:{{middle}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/middle
-		block_size 64KiB
-		read_ahead 256KiB
-		min_free 0
-		origins origin.test
-		name middle
-	}
-	reverse_proxy {{middle_parent}}
-}
-http://:{{bottom}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/bottom
-		block_size 64KiB
-		read_ahead 256KiB
-		min_free 0
-		origins origin.test
-		name bottom
-	}
-	reverse_proxy 127.0.0.1:{{middle}}
-}
-`
+
+// toOrigin fills a top level's misses from the test origin.
+const toOrigin = "reverse_proxy {{origin}} {\n\t\trewrite {http.mcc.origin_uri}\n\t\theader_up Host {http.mcc.origin_host}\n\t}"
+
+var chainConfig = testGlobals +
+	cacheSite("{{top}}", "top", "read_ahead 256KiB", toOrigin) +
+	cacheSite("{{middle}}", "middle", "read_ahead 256KiB", "reverse_proxy {{middle_parent}}") +
+	cacheSite("{{bottom}}", "bottom", "read_ahead 256KiB", "reverse_proxy 127.0.0.1:{{middle}}")
 
 type chain struct {
 	top, middle, bottom string // base URLs
@@ -184,36 +163,9 @@ func TestForwardingLoopIsRefusedWith508(t *testing.T) {
 
 // failoverConfig is a child gateway with two parents, the first of which
 // is down: reverse_proxy's own load balancing moves on to the second.
-const failoverConfig = testGlobals + `http://:{{top}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/top
-		block_size 64KiB
-		min_free 0
-		origins origin.test
-		name top
-	}
-	reverse_proxy {{origin}} {
-		rewrite {http.mcc.origin_uri}
-		header_up Host {http.mcc.origin_host}
-	}
-}
-http://:{{child}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/child
-		block_size 64KiB
-		min_free 0
-		origins origin.test
-		name child
-	}
-	reverse_proxy {{parents}} {
-		lb_policy first
-		lb_try_duration 2s
-		fail_duration 30s
-	}
-}
-`
+var failoverConfig = testGlobals +
+	cacheSite("{{top}}", "top", "", toOrigin) +
+	cacheSite("{{child}}", "child", "", "reverse_proxy {{parents}} {\n\t\tlb_policy first\n\t\tlb_try_duration 2s\n\t\tfail_duration 30s\n\t}")
 
 func startFailover(t *testing.T, o *testOrigin, parents string) (top, child string) {
 	t.Helper()
@@ -316,7 +268,7 @@ func TestTopLevelThroughOutboundProxy(t *testing.T) {
 // scaleConfig is a front Caddy spreading clients over two cache nodes by a
 // consistent hash of the URI (cacheHostOrigin included), with passive
 // health checks, as README's scale-out section has it.
-const scaleConfig = testGlobals + `http://:{{front}} {
+var scaleConfig = testGlobals + `http://:{{front}} {
 	bind 127.0.0.1
 	reverse_proxy 127.0.0.1:{{n1}} 127.0.0.1:{{n2}} {
 		lb_policy uri_hash
@@ -325,36 +277,9 @@ const scaleConfig = testGlobals + `http://:{{front}} {
 	}
 }
 {{node1}}
-http://:{{n2}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/n2
-		block_size 64KiB
-		min_free 0
-		origins origin.test
-		name n2
-	}
-	reverse_proxy {{origin}} {
-		rewrite {http.mcc.origin_uri}
-		header_up Host {http.mcc.origin_host}
-	}
-}
-`
+` + cacheSite("{{n2}}", "n2", "", toOrigin)
 
-const scaleNode1 = `http://:{{n1}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/n1
-		block_size 64KiB
-		min_free 0
-		origins origin.test
-		name n1
-	}
-	reverse_proxy {{origin}} {
-		rewrite {http.mcc.origin_uri}
-		header_up Host {http.mcc.origin_host}
-	}
-}`
+var scaleNode1 = cacheSite("{{n1}}", "n1", "", toOrigin)
 
 func TestScaleOutStoresEachObjectOnOneNode(t *testing.T) {
 	o := newOrigin(t)
@@ -470,21 +395,8 @@ https://127.0.0.1:{{top}} {
 {{child}}
 `
 
-const tlsChild = `http://:{{bottom}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/bottom
-		block_size 64KiB
-		min_free 0
-		origins origin.test
-		name bottom
-	}
-	reverse_proxy https://127.0.0.1:{{top}} {
-		transport http {
-			tls_trust_pool file {{dir}}/caddy/pki/authorities/local/root.crt
-		}
-	}
-}`
+var tlsChild = cacheSite("{{bottom}}", "bottom", "",
+	"reverse_proxy https://127.0.0.1:{{top}} {\n\t\ttransport http {\n\t\t\ttls_trust_pool file {{dir}}/caddy/pki/authorities/local/root.crt\n\t\t}\n\t}")
 
 func TestChildReachesParentOverTLSInternal(t *testing.T) {
 	o := newOrigin(t)
