@@ -68,7 +68,8 @@ func (s *server) stop() {
 	}
 }
 
-const caddyMCCConfig = `{
+// caddyGlobals starts both Caddy configs.
+const caddyGlobals = `{
 	admin off
 	auto_https off
 	persist_config off
@@ -77,7 +78,9 @@ const caddyMCCConfig = `{
 		level ERROR
 	}
 }
-http://:{{port}} {
+`
+
+const caddyMCCConfig = caddyGlobals + `http://:{{port}} {
 	bind 127.0.0.1
 	mcc {
 		dir {{dir}}/mcc
@@ -88,27 +91,16 @@ http://:{{port}} {
 }
 `
 
-const caddyFileConfig = `{
-	admin off
-	auto_https off
-	persist_config off
-	storage file_system {{dir}}/caddy-data
-	log {
-		level ERROR
-	}
-}
-http://:{{port}} {
+const caddyFileConfig = caddyGlobals + `http://:{{port}} {
 	bind 127.0.0.1
 	root * {{dir}}/static
 	file_server
 }
 `
 
-// nginxSliceConfig is nginx's slice cache tuned as lancache and nginx's
-// documentation advise: 1 MiB slices keyed by range, a cache lock with
-// generous timeouts, keepalive to the origin, sendfile.
-const nginxSliceConfig = `# nginx slice cache used by mccbench
-user root;
+// nginxPrelude starts both nginx configs: run from the benchmark's own
+// directory, never the system service's, with sendfile on.
+const nginxPrelude = `user root;
 worker_processes auto;
 daemon off;
 pid {{dir}}/nginx.pid;
@@ -124,7 +116,12 @@ http {
 	fastcgi_temp_path {{dir}}/fastcgi_temp;
 	uwsgi_temp_path {{dir}}/uwsgi_temp;
 	scgi_temp_path {{dir}}/scgi_temp;
-	proxy_cache_path {{dir}}/cache levels=1:2 keys_zone=mcc:64m max_size=100g inactive=7d use_temp_path=off;
+`
+
+// nginxSliceConfig is nginx's slice cache tuned as lancache and nginx's
+// documentation advise: 1 MiB slices keyed by range, a cache lock with
+// generous timeouts, keepalive to the origin, sendfile.
+const nginxSliceConfig = "# nginx slice cache used by mccbench\n" + nginxPrelude + `	proxy_cache_path {{dir}}/cache levels=1:2 keys_zone=mcc:64m max_size=100g inactive=7d use_temp_path=off;
 	upstream origin {
 		server {{origin}};
 		keepalive 64;
@@ -149,24 +146,7 @@ http {
 }
 `
 
-const nginxStaticConfig = `# nginx serving the same bytes as static files
-user root;
-worker_processes auto;
-daemon off;
-pid {{dir}}/nginx.pid;
-error_log {{dir}}/error.log warn;
-events { worker_connections 4096; }
-http {
-	access_log off;
-	sendfile on;
-	tcp_nopush on;
-	keepalive_requests 100000;
-	client_body_temp_path {{dir}}/client_temp;
-	proxy_temp_path {{dir}}/proxy_temp;
-	fastcgi_temp_path {{dir}}/fastcgi_temp;
-	uwsgi_temp_path {{dir}}/uwsgi_temp;
-	scgi_temp_path {{dir}}/scgi_temp;
-	server {
+const nginxStaticConfig = "# nginx serving the same bytes as static files\n" + nginxPrelude + `	server {
 		listen 127.0.0.1:{{port}};
 		root {{static}};
 	}
