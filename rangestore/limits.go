@@ -9,16 +9,3 @@ func (s *Store) SetLimits(maxSize, minFree int64) {
 	s.opts.MaxSize = max(maxSize, 0)
 	s.opts.MinFree = max(minFree, 0)
 }
-
-// ID returns a number unique to this stored version of the object within
-// the store: two handles with the same ID read the same bytes.
-func (o *Object) ID() uint64 { return o.e.gen }
-
-// Dup returns another handle on the same object version, for a second
-// holder with its own lifetime. Both must be closed.
-func (o *Object) Dup() *Object {
-	o.s.mu.Lock()
-	o.e.refs++
-	o.s.mu.Unlock()
-	return &Object{s: o.s, e: o.e}
-}

@@ -22,7 +22,8 @@ type Object struct {
 // Key returns the object's key.
 func (o *Object) Key() string { return o.e.key }
 
-// Meta returns the object's metadata. The caller must not modify its Header.
+// Meta returns the object's metadata. The caller must not modify its
+// Header or Internal maps.
 func (o *Object) Meta() Meta { return o.e.meta }
 
 // Size returns the object's length in bytes.
@@ -42,6 +43,32 @@ func (o *Object) BlockOf(off int64) int { return int(off >> o.s.shift) }
 
 // HasBlock reports whether block i is present.
 func (o *Object) HasBlock(i int) bool { return o.e.has(i) }
+
+// ID returns a number unique to this stored version of the object within
+// the store: two handles with the same ID read the same bytes.
+func (o *Object) ID() uint64 { return o.e.gen }
+
+// Dup returns another handle on the same object version, for a second
+// holder with its own lifetime. Both must be closed.
+func (o *Object) Dup() *Object {
+	o.s.mu.Lock()
+	o.e.refs++
+	o.s.mu.Unlock()
+	return &Object{s: o.s, e: o.e}
+}
+
+// Invalidate removes this version from the store if it is still the stored
+// version of its key, and reports whether it was. A newer version stored
+// under the same key meanwhile is left alone. Open handles keep reading.
+func (o *Object) Invalidate() bool {
+	o.s.mu.Lock()
+	defer o.s.mu.Unlock()
+	if o.s.closed || o.e.deleted || o.e.transient {
+		return false
+	}
+	o.s.remove(o.e)
+	return true
+}
 
 // Valid reports whether the object is still the stored version of its key
 // (not invalidated or evicted).

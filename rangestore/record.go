@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/crc32"
 	"sort"
+	"strings"
 )
 
 // castagnoli is the CRC-32C table used for block checksums and for framing
@@ -104,26 +105,39 @@ func (d *decoder) bytes(n uint64) []byte {
 func (d *decoder) string() string { return string(d.bytes(d.uint())) }
 
 // encodeMeta writes m with its header names in sorted order, so equal Metas
-// encode equally.
+// encode equally. Internal entries ride in the same list under names that
+// start with internalMark, which no header name can (RFC 9110 section 5.1),
+// so stores written before Internal existed read unchanged.
 func (e *encoder) meta(m *Meta) {
 	e.int(m.Length)
 	e.string(m.ETag)
 	e.string(m.LastModified)
 	e.string(m.ContentType)
-	names := make([]string, 0, len(m.Header))
+	names := make([]string, 0, len(m.Header)+len(m.Internal))
 	for k := range m.Header {
 		names = append(names, k)
+	}
+	for k := range m.Internal {
+		names = append(names, internalMark+k)
 	}
 	sort.Strings(names)
 	e.uint(uint64(len(names)))
 	for _, k := range names {
 		e.string(k)
+		if name, ok := strings.CutPrefix(k, internalMark); ok {
+			e.uint(1)
+			e.string(m.Internal[name])
+			continue
+		}
 		e.uint(uint64(len(m.Header[k])))
 		for _, v := range m.Header[k] {
 			e.string(v)
 		}
 	}
 }
+
+// internalMark starts the encoded name of a Meta.Internal entry.
+const internalMark = "\x00"
 
 func (d *decoder) meta() Meta {
 	var m Meta
@@ -136,9 +150,6 @@ func (d *decoder) meta() Meta {
 		d.fail()
 		return m
 	}
-	if n > 0 {
-		m.Header = make(map[string][]string, n)
-	}
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		k := d.string()
 		nv := d.uint()
@@ -149,6 +160,16 @@ func (d *decoder) meta() Meta {
 		vs := make([]string, 0, nv)
 		for j := uint64(0); j < nv; j++ {
 			vs = append(vs, d.string())
+		}
+		if name, ok := strings.CutPrefix(k, internalMark); ok && len(vs) == 1 {
+			if m.Internal == nil {
+				m.Internal = make(map[string]string)
+			}
+			m.Internal[name] = vs[0]
+			continue
+		}
+		if m.Header == nil {
+			m.Header = make(map[string][]string, n)
 		}
 		m.Header[k] = vs
 	}

@@ -131,7 +131,7 @@ func (s *Store) snapshot(final bool) error {
 	if hook != nil {
 		hook("data-synced")
 	}
-	err = writeFileAtomic(filepath.Join(s.dir, "index"), compressIndex(body))
+	err = WriteFileAtomic(filepath.Join(s.dir, "index"), compressIndex(body))
 	if prev != nil {
 		prev.Close()
 	}

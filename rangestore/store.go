@@ -4,6 +4,7 @@ import (
 	"container/list"
 	"errors"
 	"fmt"
+	"maps"
 	"math/bits"
 	"os"
 	"path/filepath"
@@ -63,6 +64,9 @@ type Meta struct {
 	// Header holds further response headers to replay, keyed by canonical
 	// name (the same shape as net/http's Header).
 	Header map[string][]string
+	// Internal holds the caller's own bookkeeping for the version (when it
+	// arrived, say), kept with it and never replayed.
+	Internal map[string]string
 }
 
 // SameIdentity reports whether m and o describe the same version: equal
@@ -282,7 +286,7 @@ func (s *Store) checkFormat() error {
 		return err
 	}
 	if got == 0 {
-		return writeFileAtomic(filepath.Join(s.dir, "FORMAT"), fmt.Appendf(nil, "%s%d\n", formatPrefix, s.blockSize))
+		return WriteFileAtomic(filepath.Join(s.dir, "FORMAT"), fmt.Appendf(nil, "%s%d\n", formatPrefix, s.blockSize))
 	}
 	if got != s.blockSize {
 		return blockSizeError(s.dir, got, s.blockSize)
@@ -377,6 +381,7 @@ func cloneMeta(m Meta) Meta {
 		}
 		m.Header = h
 	}
+	m.Internal = maps.Clone(m.Internal)
 	return m
 }
 
@@ -664,7 +669,11 @@ func noSpace(err error) error {
 	return err
 }
 
-func writeFileAtomic(path string, b []byte) error {
+// WriteFileAtomic replaces the file at path with b so that a crash leaves
+// either the old contents or the new ones, never a torn file: it writes a
+// temporary file beside it, syncs it, renames it over path and syncs the
+// directory.
+func WriteFileAtomic(path string, b []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {

@@ -127,9 +127,11 @@ func TestCreateGetAndMetaSurviveReopen(t *testing.T) {
 		LastModified: "Mon, 02 Jan 2006 15:04:05 GMT",
 		ContentType:  "video/mp4",
 		Header:       map[string][]string{"Cache-Control": {"max-age=60"}, "X-Two": {"a", "b"}},
+		Internal:     map[string]string{"stored": "1700000000", "empty": ""},
 	}
 	o := create(t, s, "k", m)
 	m.Header["Cache-Control"][0] = "changed by the caller" // Create keeps its own copy
+	m.Internal["stored"] = "changed by the caller"
 	if o.Key() != "k" || o.Size() != m.Length || o.Blocks() != 4 {
 		t.Errorf("Key, Size, Blocks = %q, %d, %d", o.Key(), o.Size(), o.Blocks())
 	}
@@ -152,7 +154,8 @@ func TestCreateGetAndMetaSurviveReopen(t *testing.T) {
 	defer o.Close()
 	got := o.Meta()
 	if got.Length != m.Length || got.ETag != m.ETag || got.LastModified != m.LastModified || got.ContentType != m.ContentType ||
-		len(got.Header) != 2 || got.Header["Cache-Control"][0] != "max-age=60" || strings.Join(got.Header["X-Two"], ",") != "a,b" {
+		len(got.Header) != 2 || got.Header["Cache-Control"][0] != "max-age=60" || strings.Join(got.Header["X-Two"], ",") != "a,b" ||
+		len(got.Internal) != 2 || got.Internal["stored"] != "1700000000" || got.Internal["empty"] != "" {
 		t.Errorf("Meta after reopen = %+v", got)
 	}
 	checkObject(t, o)
@@ -823,4 +826,41 @@ func TestOrphanAndLostDataFiles(t *testing.T) {
 		t.Errorf("BytesPresent = %d, want %d", st.BytesPresent, testBS)
 	}
 	checkStore(t, s)
+}
+
+func TestObjectInvalidateRemovesOnlyItsOwnVersion(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t, dir, Options{})
+	old := create(t, s, "k", metaV(testBS, 1))
+	defer old.Close()
+	writeBlock(t, old, 0, 0)
+	if !s.Invalidate("k") {
+		t.Fatal("Invalidate found nothing")
+	}
+	cur := create(t, s, "k", metaV(testBS, 2))
+	defer cur.Close()
+
+	// The old handle's version is gone: invalidating it must not take the
+	// newer version stored under the same key since.
+	if old.Invalidate() {
+		t.Error("Invalidate of a version already gone reported success")
+	}
+	if got, err := s.Get("k"); err != nil || got.ID() != cur.ID() {
+		t.Fatalf("Get after invalidating the old version: %v", err)
+	} else {
+		got.Close()
+	}
+	if !cur.Invalidate() || cur.Invalidate() {
+		t.Error("Invalidate of the stored version should succeed once")
+	}
+	if _, err := s.Get("k"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get after Invalidate of the stored version: %v", err)
+	}
+	s.Close()
+	// Removal is journalled: it holds over a reopen.
+	s = openStore(t, dir, Options{})
+	defer s.Close()
+	if _, err := s.Get("k"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get after reopen: %v", err)
+	}
 }
