@@ -209,8 +209,9 @@ func TestRealAptThroughTwoLevels(t *testing.T) {
 	if policy := first.tool("apt-cache", "policy", "mcc-hello"); !strings.Contains(policy, "Candidate: 1.0") {
 		t.Fatalf("within the TTL apt should still see 1.0:\n%s", policy)
 	}
-	freshnessSkew.Store(int64(defaultIndexTTL + time.Second))
-	t.Cleanup(func() { freshnessSkew.Store(0) })
+	for _, level := range []string{"top", "bottom"} {
+		cacheAt(t, filepath.Join(dir, level)).skew.Store(int64(defaultIndexTTL + time.Second))
+	}
 	out := first.apt("update")
 	if strings.Contains(out, "Hash Sum mismatch") || strings.Contains(out, "mismatch") {
 		t.Fatalf("apt-get update after the new version:\n%s", out)

@@ -4,8 +4,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"net/http"
+	"path/filepath"
+	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -37,23 +42,20 @@ type cache struct {
 	running sync.WaitGroup // fills in flight
 	stats   counters
 
-	mu sync.Mutex
-	// fills holds the claim on each block being fetched, by object version
-	// and block; learning holds the fill, per key, that fetches the first
-	// block of an object not yet stored (its length is not known yet).
-	fills    map[blockKey]*fill
-	learning map[string]*fill
-	// revalidating holds the conditional fill, per key, checking a stale
-	// object upstream; validated, when each object version was last
-	// confirmed current (freshness.go).
-	revalidating map[string]*fill
-	validated    map[uint64]time.Time
-}
-
-// blockKey names a block of a stored object version, for collapsing fills.
-type blockKey struct {
-	id    uint64
-	block int
+	// claims holds the fill fetching each missing block of a stored
+	// object; learning, the fill per key that fetches the first block of
+	// an object not stored yet (its length is not known yet);
+	// revalidating, the conditional fill per key that checks a stale
+	// object upstream.
+	claims       *claims
+	learning     *flights
+	revalidating *flights
+	// validated holds when each object version was last confirmed current
+	// (freshness.go).
+	validated validations
+	// skew moves the clock of freshness decisions forward, for tests that
+	// would otherwise wait out a TTL; zero in production.
+	skew atomic.Int64
 }
 
 // loadCache returns the shared cache for dir, opening its store in the
@@ -73,10 +75,10 @@ func loadCache(dir string, opts rangestore.Options, logger *zap.Logger) (*cache,
 			ready:        make(chan struct{}),
 			ctx:          ctx,
 			cancel:       cancel,
-			fills:        make(map[blockKey]*fill),
-			learning:     make(map[string]*fill),
-			revalidating: make(map[string]*fill),
-			validated:    make(map[uint64]time.Time),
+			claims:       newClaims(),
+			learning:     newFlights(),
+			revalidating: newFlights(),
+			validated:    validations{m: make(map[uint64]time.Time)},
 		}
 		go func() {
 			defer close(c.ready)
@@ -135,12 +137,81 @@ func (c *cache) Destruct() error {
 	return c.store.Close()
 }
 
-// Interface guards
-var _ caddy.Destructor = (*cache)(nil)
-
 // newNodeID returns "mcc-" and 12 random hex digits.
 func newNodeID() string {
 	var b [6]byte
 	rand.Read(b[:])
 	return "mcc-" + hex.EncodeToString(b[:])
 }
+
+// opError is an operation's failure and the HTTP status that answers it;
+// the summary handler and the admin API each turn it into their own error
+// type.
+type opError struct {
+	status int
+	err    error
+}
+
+func (e opError) Error() string { return e.err.Error() }
+func (e opError) Unwrap() error { return e.err }
+
+// findCache returns the open cache of store directory dir, or, for "",
+// the only one in use; with several, the one in Caddy's default directory,
+// or else the first by path. It waits for the store to open.
+func findCache(ctx context.Context, dir string) (*cache, error) {
+	found := cachesInUse()
+	var c *cache
+	if dir != "" {
+		abs, err := filepath.Abs(dir)
+		if err != nil {
+			return nil, opError{http.StatusBadRequest, err}
+		}
+		for _, f := range found {
+			if f.dir == abs {
+				c = f
+			}
+		}
+		if c == nil {
+			return nil, opError{http.StatusNotFound, fmt.Errorf("no mcc handler uses store %s", abs)}
+		}
+	} else {
+		if len(found) == 0 {
+			return nil, opError{http.StatusServiceUnavailable, errors.New("no mcc handler is configured")}
+		}
+		c = found[0]
+		def := filepath.Join(caddy.AppDataDir(), "mcc")
+		for _, f := range found {
+			if f.dir == def {
+				c = f
+			}
+		}
+	}
+	if _, err := c.wait(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil, err
+		}
+		return nil, opError{http.StatusServiceUnavailable, fmt.Errorf("store %s is not open: %w", c.dir, err)}
+	}
+	select {
+	case <-c.ledger().ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return c, nil
+}
+
+// cachesInUse returns the caches of every store directory in use, by path.
+func cachesInUse() []*cache {
+	var out []*cache
+	caches.Range(func(_, v any) bool {
+		if c, ok := v.(*cache); ok {
+			out = append(out, c)
+		}
+		return true
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].dir < out[j].dir })
+	return out
+}
+
+// Interface guards
+var _ caddy.Destructor = (*cache)(nil)

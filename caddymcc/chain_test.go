@@ -16,21 +16,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// chainConfig is one Caddy config with three gateways on loopback: top
-// (dials the origin), middle (whose parent is top) and bottom (whose parent
-// is middle), each with a store of its own, as nested ISA-95 levels are.
-// cacheSite is the Caddyfile site of one test cache level named name on
-// port (a placeholder such as {{top}}), its store in {{dir}}/name, with
-// extra mcc lines and the proxy line(s) that fill its misses.
-func cacheSite(port, name, extra, proxy string) string {
-	if extra != "" {
-		extra = "\t\t" + extra + "\n"
-	}
-	return "http://:" + port + " {\n\tbind 127.0.0.1\n\tmcc {\n\t\tdir {{dir}}/" + name +
-		"\n\t\tblock_size 64KiB\n\t\tmin_free 0\n\t\torigins origin.test\n\t\tname " + name + "\n" + extra +
-		"\t}\n\t" + proxy + "\n}\n"
-}
-
 // toOrigin fills a top level's misses from the test origin.
 const toOrigin = "reverse_proxy {{origin}} {\n\t\trewrite {http.mcc.origin_uri}\n\t\theader_up Host {http.mcc.origin_host}\n\t}"
 

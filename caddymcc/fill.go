@@ -4,12 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -117,8 +114,8 @@ func (f *fill) headers(ctx context.Context) (*rangestore.Object, error) {
 	}
 }
 
-// join records a client that will take its handle through headers. c.mu
-// must be held, so the fill cannot have left the learning maps.
+// join records a client that will take its handle through headers. The
+// flight's lock must be held, so the fill cannot have landed.
 func (f *fill) join() {
 	f.mu.Lock()
 	f.learners++
@@ -195,22 +192,24 @@ func (f *fill) progress() int64 {
 	return f.pos
 }
 
-// startFill builds the subrequest for blocks [first, last] from the client
-// request r and runs it in the background. c.mu must be held; the caller
-// registers the fill's claims.
-func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, req request, obj *rangestore.Object, first, last int, cond http.Header) *fill {
+// startFill builds the subrequest for blocks [first, last] of obj (nil
+// when the object is not stored yet) from the client's request and runs it
+// in the background, with the conditional headers cond for a
+// revalidation. The caller registers the fill's claims or flight.
+func (rq *request) startFill(obj *rangestore.Object, first, last int, cond http.Header) *fill {
+	c := rq.c
 	f := &fill{
 		c:      c,
-		key:    req.key,
-		origin: req.origin,
+		key:    rq.key,
+		origin: rq.origin,
 		learn:  obj == nil,
-		by:     r,
+		by:     rq.r,
 		first:  first,
 		last:   last,
 		wake:   make(chan struct{}),
 		pos:    int64(first) * c.blockSize,
 	}
-	fr, cancel := h.subrequest(c.ctx, r, req, int64(first)*c.blockSize, int64(last+1)*c.blockSize-1)
+	fr, cancel := rq.subrequest(int64(first)*c.blockSize, int64(last+1)*c.blockSize-1)
 	for k, v := range cond {
 		fr.Header[k] = v
 	}
@@ -222,18 +221,19 @@ func (c *cache) startFill(h *Handler, r *http.Request, next caddyhttp.Handler, r
 	c.running.Add(1)
 	c.stats.fillsStarted.Add(1)
 	c.stats.fillsInFlight.Add(1)
-	go f.run(h, fr, cancel, next, held)
+	go f.run(rq.h, fr, cancel, rq.next, held)
 	return f
 }
 
 // subrequest derives the upstream request for bytes [start, end] from the
 // client's: same URL and headers (so a parent cache sees the same
 // cacheHostOrigin), minus validators and encodings, with a context that
-// outlives the client, fresh vars and a fresh replacer (reverse_proxy writes
-// to both, and fills run concurrently).
-func (h *Handler) subrequest(base context.Context, r *http.Request, req request, start, end int64) (*http.Request, context.CancelFunc) {
+// outlives the client and ends with the cache, fresh vars and a fresh
+// replacer (reverse_proxy writes to both, and fills run concurrently).
+func (rq *request) subrequest(start, end int64) (*http.Request, context.CancelFunc) {
+	r := rq.r
 	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
-	stop := context.AfterFunc(base, cancel)
+	stop := context.AfterFunc(rq.c.ctx, cancel)
 	fr := r.Clone(ctx)
 	fr.Method = http.MethodGet
 	fr.Body = http.NoBody
@@ -246,11 +246,11 @@ func (h *Handler) subrequest(base context.Context, r *http.Request, req request,
 	fr.Header.Set("Accept-Encoding", "identity")
 	fr.Header.Set("Range", "bytes="+strconv.FormatInt(start, 10)+"-"+strconv.FormatInt(end, 10))
 	// Our mark for loop detection upstream (see Handler.checkLoop).
-	fr.Header.Add("Via", "1.1 "+h.cache.node)
+	fr.Header.Add("Via", "1.1 "+rq.c.node)
 	srv, _ := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	repl := caddy.NewReplacer()
 	fr = caddyhttp.PrepareRequest(fr, repl, nil, srv)
-	setPlaceholders(repl, req)
+	setPlaceholders(repl, rq.target)
 	return fr, func() { stop(); cancel() }
 }
 
@@ -306,27 +306,14 @@ func (f *fill) settle(obj *rangestore.Object, err error, start, end int64) {
 	// fill of its own rather than taking this one's outcome (an origin's
 	// 404 is not to be reused).
 	c := f.c
-	c.mu.Lock()
-	if f.learn && c.learning[f.key] == f {
-		delete(c.learning, f.key)
-	}
-	if c.revalidating[f.key] == f {
-		delete(c.revalidating, f.key)
-	}
+	c.learning.land(f.key, f)
+	c.revalidating.land(f.key, f)
 	if obj != nil {
-		drop := func(first, last int) {
-			for b := first; b <= last; b++ {
-				if k := (blockKey{obj.ID(), b}); c.fills[k] == f {
-					delete(c.fills, k)
-				}
-			}
-		}
-		drop(f.first, f.last)
+		c.claims.drop(obj, f.first, f.last, f)
 		if end > start {
-			drop(obj.BlockOf(start), obj.BlockOf(end-1))
+			c.claims.drop(obj, obj.BlockOf(start), obj.BlockOf(end-1), f)
 		}
 	}
-	c.mu.Unlock()
 
 	f.mu.Lock()
 	f.done = true
@@ -345,344 +332,5 @@ func (f *fill) settle(obj *rangestore.Object, err error, start, end int64) {
 	}
 }
 
-// fillWriter is the http.ResponseWriter the next handler answers a fill
-// into. It checks the response against the request and the stored
-// identity, then writes the body into the blocks the fill owns.
-type fillWriter struct {
-	f      *fill
-	h      *Handler
-	obj    *rangestore.Object
-	header http.Header
-
-	status   int
-	failed   error // set once the response is refused; the rest is drained
-	pass     *upstreamResponse
-	start    int64 // offset of the first body byte
-	end      int64 // offset after the last body byte
-	pos      int64
-	received int64
-	bw       *rangestore.BlockWriter
-
-	idle     *time.Timer
-	timedOut atomic.Bool
-}
-
-func (w *fillWriter) Header() http.Header { return w.header }
-
-// Flush lets reverse_proxy flush; there is nothing to flush.
-func (w *fillWriter) Flush() {}
-
-func (w *fillWriter) WriteHeader(code int) {
-	if w.status != 0 || code < 200 {
-		return // informational answers, or a second call
-	}
-	w.status = code
-	f := w.f
-	c := f.c
-	if cs := w.header.Values("Cache-Status"); len(cs) > 0 {
-		f.mu.Lock()
-		f.upstreamStatus = strings.Join(cs, ", ")
-		f.mu.Unlock()
-	}
-	reqStart := int64(f.first) * c.blockSize
-	reqEnd := int64(f.last+1)*c.blockSize - 1
-	var meta rangestore.Meta
-	switch code {
-	case http.StatusPartialContent:
-		start, end, total, ok := parseContentRange(w.header.Get("Content-Range"))
-		switch {
-		case !ok || total < 0:
-			w.failed = fmt.Errorf("%w: Content-Range %q", errWrongRange, w.header.Get("Content-Range"))
-			return
-		case start != reqStart || end != min(reqEnd, total-1):
-			w.failed = fmt.Errorf("%w: asked bytes %d-%d, got %d-%d/%d", errWrongRange, reqStart, reqEnd, start, end, total)
-			return
-		}
-		if cl := w.header.Get("Content-Length"); cl != "" && cl != strconv.FormatInt(end-start+1, 10) {
-			w.failed = fmt.Errorf("%w: Content-Length %s for bytes %d-%d", errWrongRange, cl, start, end)
-			return
-		}
-		meta = metaFrom(w.header, total)
-		w.start, w.end = start, end+1
-	case http.StatusOK:
-		// The upstream ignored Range: it sends the whole object, which is
-		// stored block by block in order.
-		n, err := strconv.ParseInt(w.header.Get("Content-Length"), 10, 64)
-		if err != nil || n < 0 || w.header.Get("Content-Encoding") != "" && w.header.Get("Content-Encoding") != "identity" {
-			w.failed = errNoLength
-			return
-		}
-		meta = metaFrom(w.header, n)
-		w.start, w.end = 0, n
-	case http.StatusNotModified:
-		f.mu.Lock()
-		f.notModified = true
-		f.mu.Unlock()
-		return
-	case http.StatusRequestedRangeNotSatisfiable:
-		// An empty object has no byte to ask for.
-		if _, _, total, ok := parseContentRange(w.header.Get("Content-Range")); ok && total == 0 && reqStart == 0 {
-			meta = metaFrom(w.header, 0)
-			w.start, w.end = 0, 0
-			break
-		}
-		fallthrough
-	default:
-		h := w.header.Clone()
-		h.Del("Content-Length")
-		w.pass = &upstreamResponse{status: code, header: h}
-		return
-	}
-	stampMeta(&meta, w.header, freshnessNow())
-	if err := w.pin(meta); err != nil {
-		w.failed = err
-		return
-	}
-	w.pos = w.start
-	f.mu.Lock()
-	f.obj = w.obj
-	f.pos = w.pos
-	f.notifyLocked()
-	f.mu.Unlock()
-}
-
-// pin checks the response's identity against the object the fill is for,
-// or creates the object for a learning fill, and claims the blocks the
-// response carries that nobody else is fetching.
-func (w *fillWriter) pin(meta rangestore.Meta) error {
-	f, c := w.f, w.f.c
-	if w.obj != nil {
-		if !w.obj.Meta().SameIdentity(meta) {
-			c.invalidate(f.key, w.obj)
-			return fmt.Errorf("%w: stored etag %q length %d, upstream etag %q length %d",
-				errIdentityChanged, w.obj.Meta().ETag, w.obj.Size(), meta.ETag, meta.Length)
-		}
-	} else if uncacheable(meta) {
-		// no-store or private: stream it to this fill's clients from an
-		// object under no key, gone when they are done (RFC 9111 section
-		// 3); a version stored before goes too.
-		c.store.Invalidate(f.key)
-		obj, err := c.store.CreateTransient(meta)
-		if err != nil {
-			return err
-		}
-		w.obj = obj
-	} else {
-		obj, err := c.store.Create(f.key, meta)
-		if errors.Is(err, rangestore.ErrIdentityMismatch) {
-			// A new version: the old one goes, holders keep reading it.
-			c.store.Invalidate(f.key)
-			obj, err = c.store.Create(f.key, meta)
-		}
-		if err != nil {
-			return err
-		}
-		w.obj = obj
-	}
-	first, last := w.obj.BlockOf(w.start), w.obj.BlockOf(w.end-1)
-	if w.end == w.start {
-		return nil
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for b := first; b <= last; b++ {
-		k := blockKey{w.obj.ID(), b}
-		if g := c.fills[k]; g == nil && !w.obj.HasBlock(b) {
-			c.fills[k] = f
-		}
-	}
-	return nil
-}
-
-// owns reports whether the fill holds the claim on block b.
-func (w *fillWriter) owns(b int) bool {
-	c := w.f.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.fills[blockKey{w.obj.ID(), b}] == w.f
-}
-
-func (w *fillWriter) Write(p []byte) (int, error) {
-	if w.status == 0 {
-		w.WriteHeader(http.StatusOK)
-	}
-	n := len(p)
-	w.received += int64(n)
-	w.f.c.stats.upstreamBytes.Add(int64(n))
-	w.idle.Reset(w.h.fillTimeout)
-	switch {
-	case w.pass != nil:
-		if room := maxPassBody - len(w.pass.body); room > 0 {
-			w.pass.body = append(w.pass.body, p[:min(room, len(p))]...)
-		}
-		return n, nil
-	case w.failed != nil:
-		return 0, w.failed
-	}
-	if err := w.store(p); err != nil {
-		w.failed = err
-		return 0, err
-	}
-	w.f.mu.Lock()
-	w.f.pos = w.pos
-	w.f.notifyLocked()
-	w.f.mu.Unlock()
-	return n, nil
-}
-
-// store writes p at w.pos into the blocks the fill owns, committing each
-// block as it completes; bytes of blocks owned by others are skipped.
-func (w *fillWriter) store(p []byte) error {
-	if int64(len(p)) > w.end-w.pos {
-		return errLongBody
-	}
-	for len(p) > 0 {
-		b := w.obj.BlockOf(w.pos)
-		blk := w.obj.Block(b)
-		n := min(int64(len(p)), blk.Off+blk.Len-w.pos)
-		if w.bw == nil && w.pos == blk.Off && w.owns(b) {
-			bw, err := w.obj.WriteBlock(b)
-			if err != nil {
-				// The bytes cannot be stored: waiters on this block
-				// cannot be served from disk.
-				w.release(b)
-				return err
-			}
-			// Waiters send these bytes from the data file as they land;
-			// a failed fill must not punch them out under them.
-			bw.KeepBytes()
-			w.bw = bw
-		}
-		if w.bw != nil {
-			if _, err := w.bw.Write(p[:n]); err != nil {
-				w.bw.Abort()
-				w.bw = nil
-				w.release(b)
-				return err
-			}
-		}
-		w.pos += n
-		p = p[n:]
-		if w.bw != nil && w.pos == blk.Off+blk.Len {
-			err := w.bw.Commit()
-			w.bw = nil
-			w.release(b)
-			if err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
-// release gives up the claim on block b: it is present now, or the fill
-// could not write it.
-func (w *fillWriter) release(b int) {
-	c := w.f.c
-	c.mu.Lock()
-	if k := (blockKey{w.obj.ID(), b}); c.fills[k] == w.f {
-		delete(c.fills, k)
-	}
-	c.mu.Unlock()
-}
-
-// finish checks the response was complete and returns the fill's outcome.
-func (w *fillWriter) finish(err error) error {
-	if w.bw != nil {
-		w.bw.Abort()
-		w.bw = nil
-	}
-	switch {
-	case w.pass != nil:
-		return w.pass
-	case w.failed != nil:
-		return w.failed
-	case err != nil:
-		return err
-	case w.status == http.StatusNotModified:
-		return nil
-	case w.status == 0:
-		return errNoLength
-	case w.pos != w.end:
-		return fmt.Errorf("%w: got %d of %d bytes", errShortBody, w.pos-w.start, w.end-w.start)
-	}
-	return nil
-}
-
-// invalidate drops key from the store if obj is still its stored version.
-func (c *cache) invalidate(key string, obj *rangestore.Object) {
-	cur, err := c.store.Get(key)
-	if err != nil {
-		return
-	}
-	if cur.ID() == obj.ID() {
-		c.store.Invalidate(key)
-	}
-	cur.Close()
-}
-
-// metaFrom takes the identity and the headers to replay from an upstream
-// response.
-func metaFrom(h http.Header, length int64) rangestore.Meta {
-	m := rangestore.Meta{
-		Length:       length,
-		ETag:         h.Get("Etag"),
-		LastModified: h.Get("Last-Modified"),
-		ContentType:  h.Get("Content-Type"),
-	}
-	for _, k := range replayHeaders {
-		if v := h.Values(k); len(v) > 0 {
-			if m.Header == nil {
-				m.Header = make(map[string][]string)
-			}
-			m.Header[k] = append([]string(nil), v...)
-		}
-	}
-	return m
-}
-
-// replayHeaders are the upstream response headers stored with an object
-// and sent with every answer from the cache, besides ETag, Last-Modified
-// and Content-Type.
-var replayHeaders = []string{"Cache-Control", "Content-Disposition", "Content-Encoding", "Content-Language", "Expires"}
-
-// parseContentRange parses "bytes S-E/TOTAL" or "bytes */TOTAL" (start and
-// end are -1 then); total is -1 for "/*".
-func parseContentRange(s string) (start, end, total int64, ok bool) {
-	rest, found := strings.CutPrefix(s, "bytes ")
-	if !found {
-		return 0, 0, 0, false
-	}
-	rng, tot, found := strings.Cut(rest, "/")
-	if !found {
-		return 0, 0, 0, false
-	}
-	total = -1
-	if tot != "*" {
-		t, err := strconv.ParseInt(tot, 10, 64)
-		if err != nil || t < 0 {
-			return 0, 0, 0, false
-		}
-		total = t
-	}
-	if rng == "*" {
-		return -1, -1, total, true
-	}
-	a, b, found := strings.Cut(rng, "-")
-	if !found {
-		return 0, 0, 0, false
-	}
-	start, err1 := strconv.ParseInt(a, 10, 64)
-	end, err2 := strconv.ParseInt(b, 10, 64)
-	if err1 != nil || err2 != nil || start < 0 || end < start || total >= 0 && end >= total {
-		return 0, 0, 0, false
-	}
-	return start, end, total, true
-}
-
 // Interface guards
-var (
-	_ http.ResponseWriter = (*fillWriter)(nil)
-	_ http.Flusher        = (*fillWriter)(nil)
-	_ io.Writer           = (*fillWriter)(nil)
-)
+var _ error = (*upstreamResponse)(nil)

@@ -10,53 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 )
-
-// serveRange answers r like a Range-honouring origin would, writing the
-// bytes of the requested range through write, which may pause or cut the
-// body.
-func serveRange(w http.ResponseWriter, r *http.Request, obj *originObject, write func(w http.ResponseWriter, body []byte)) {
-	start, end := int64(0), int64(len(obj.data))-1
-	status := http.StatusOK
-	if rg := r.Header.Get("Range"); rg != "" {
-		ranges, err := parseRange(rg, int64(len(obj.data)))
-		if err != nil || len(ranges) != 1 {
-			http.Error(w, "bad range", http.StatusRequestedRangeNotSatisfiable)
-			return
-		}
-		start, end = ranges[0].start, ranges[0].start+ranges[0].length-1
-		status = http.StatusPartialContent
-		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, end, len(obj.data)))
-	}
-	w.Header().Set("Etag", obj.etag)
-	w.Header().Set("Content-Length", strconv.FormatInt(end-start+1, 10))
-	w.WriteHeader(status)
-	write(w, obj.data[start:end+1])
-}
-
-// gate holds origin handlers until the test opens it; it opens at cleanup
-// too, so a failing test does not leave handlers blocked.
-type gate struct {
-	ch   chan struct{}
-	once sync.Once
-}
-
-func newGate(t *testing.T) *gate {
-	g := &gate{ch: make(chan struct{})}
-	t.Cleanup(g.open)
-	return g
-}
-
-func (g *gate) open() { g.once.Do(func() { close(g.ch) }) }
-
-// waitCtx bounds a wait that would otherwise hang the test run if the
-// behaviour under test is broken; it is not a timing assertion.
-func waitCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
 
 func TestFiftyColdClientsFetchEachBlockOnce(t *testing.T) {
 	o := newOrigin(t)
@@ -106,15 +60,7 @@ func TestFirstByteArrivesWhileOriginStillSendsBlockZero(t *testing.T) {
 	o.add("/slow.swu", 200*kib, 11)
 	g := startGateway(t, o, "")
 	release := newGate(t)
-	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
-		serveRange(w, r, obj, func(w http.ResponseWriter, body []byte) {
-			w.Write(body[:100])
-			w.(http.Flusher).Flush()
-			<-release.ch
-			w.Write(body[100:])
-		})
-		return true
-	})
+	o.holdAfter(100, release)
 
 	req, _ := http.NewRequestWithContext(waitCtx(t), http.MethodGet, g.url+"/slow.swu?cacheHostOrigin=origin.test", nil)
 	resp, err := testClient.Do(req)
@@ -139,15 +85,7 @@ func TestClientDisconnectMidFillOtherClientCompletes(t *testing.T) {
 	want := o.add("/dc.swu", 300*kib, 12)
 	g := startGateway(t, o, "")
 	release := newGate(t)
-	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
-		serveRange(w, r, obj, func(w http.ResponseWriter, body []byte) {
-			w.Write(body[:10000])
-			w.(http.Flusher).Flush()
-			<-release.ch
-			w.Write(body[10000:])
-		})
-		return true
-	})
+	o.holdAfter(10000, release)
 
 	ctxA, cancelA := context.WithCancel(waitCtx(t))
 	reqA, _ := http.NewRequestWithContext(ctxA, http.MethodGet, g.url+"/dc.swu?cacheHostOrigin=origin.test", nil)
@@ -344,15 +282,7 @@ func TestReloadThroughAdminAPIMidDownload(t *testing.T) {
 	want := o.add("/reload.swu", 900*kib, 50)
 	g := startGateway(t, o, "")
 	release := newGate(t)
-	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
-		serveRange(w, r, obj, func(w http.ResponseWriter, body []byte) {
-			w.Write(body[:1000])
-			w.(http.Flusher).Flush()
-			<-release.ch
-			w.Write(body[1000:])
-		})
-		return true
-	})
+	o.holdAfter(1000, release)
 	req, _ := http.NewRequestWithContext(waitCtx(t), http.MethodGet, g.url+"/reload.swu?cacheHostOrigin=origin.test", nil)
 	resp, err := testClient.Do(req)
 	if err != nil {

@@ -5,7 +5,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"time"
 
 	"github.com/caddy-mcc/caddy-mcc/rangestore"
@@ -28,44 +28,50 @@ import (
 // fresh again, a new version replaces it, and when the upstream fails the
 // stale copy is served for up to StaleIfError past its expiry.
 
-// freshnessSkew moves the clock of freshness decisions forward, for tests
-// that would otherwise wait out a TTL; zero in production.
-var freshnessSkew atomic.Int64
+// now is the clock of freshness decisions.
+func (c *cache) now() time.Time { return time.Now().Add(time.Duration(c.skew.Load())) }
 
-func freshnessNow() time.Time { return time.Now().Add(time.Duration(freshnessSkew.Load())) }
-
-// Internal metadata kept with an object, never sent to clients.
+// Bookkeeping kept with an object (rangestore.Meta.Internal), never sent to
+// clients.
 const (
-	metaStored = "Mcc-Stored" // unix seconds the object's first block arrived
-	metaAge    = "Mcc-Age"    // the Age header it arrived with, seconds
-	metaDate   = "Mcc-Date"   // the upstream's Date header
+	metaStored = "Stored" // unix seconds the object's first block arrived
+	metaAge    = "Age"    // the Age header it arrived with, seconds
+	metaDate   = "Date"   // the upstream's Date header
 )
 
 // stampMeta records when a response arrived, for freshness.
 func stampMeta(m *rangestore.Meta, h http.Header, now time.Time) {
-	if m.Header == nil {
-		m.Header = make(map[string][]string)
-	}
-	m.Header[metaStored] = []string{strconv.FormatInt(now.Unix(), 10)}
+	m.Internal = map[string]string{metaStored: strconv.FormatInt(now.Unix(), 10)}
 	if a := h.Get("Age"); a != "" {
-		m.Header[metaAge] = []string{a}
+		m.Internal[metaAge] = a
 	}
 	if d := h.Get("Date"); d != "" {
-		m.Header[metaDate] = []string{d}
+		m.Internal[metaDate] = d
 	}
+}
+
+// metaValue returns the bookkeeping value k of m. Stores written before
+// rangestore.Meta had Internal kept it among the headers as "Mcc-" + k.
+func metaValue(m rangestore.Meta, k string) (string, bool) {
+	if v, ok := m.Internal[k]; ok {
+		return v, true
+	}
+	if v := m.Header["Mcc-"+k]; len(v) > 0 {
+		return v[0], true
+	}
+	return "", false
 }
 
 func metaInt(m rangestore.Meta, k string) int64 {
-	if v := m.Header[k]; len(v) > 0 {
-		n, _ := strconv.ParseInt(v[0], 10, 64)
-		return n
-	}
-	return 0
+	v, _ := metaValue(m, k)
+	n, _ := strconv.ParseInt(v, 10, 64)
+	return n
 }
 
-// lifetime returns how long after validation m stays fresh; expires is
-// false for objects that never go stale.
-func (h *Handler) lifetime(m rangestore.Meta, uri string) (ttl time.Duration, expires bool) {
+// freshnessLifetime returns how long after validation m stays fresh
+// (RFC 9111 section 4.2.1); expires is false for objects that never go
+// stale.
+func (h *Handler) freshnessLifetime(m rangestore.Meta, uri string) (ttl time.Duration, expires bool) {
 	cc := strings.ToLower(strings.Join(m.Header["Cache-Control"], ","))
 	var maxAge, sMaxAge = int64(-1), int64(-1)
 	for _, d := range strings.Split(cc, ",") {
@@ -92,8 +98,8 @@ func (h *Handler) lifetime(m rangestore.Meta, uri string) (ttl time.Duration, ex
 			return 0, true // an invalid Expires means already expired
 		}
 		date := time.Unix(metaInt(m, metaStored), 0)
-		if d := m.Header[metaDate]; len(d) > 0 {
-			if t, err := http.ParseTime(d[0]); err == nil {
+		if d, ok := metaValue(m, metaDate); ok {
+			if t, err := http.ParseTime(d); err == nil {
 				date = t
 			}
 		}
@@ -155,16 +161,24 @@ func uncacheable(m rangestore.Meta) bool {
 	return false
 }
 
+// validations records when each object version was last confirmed
+// current upstream.
+type validations struct {
+	mu sync.Mutex
+	m  map[uint64]time.Time
+}
+
 // expiry returns when obj goes stale, and false when it never does.
-func (h *Handler) expiry(c *cache, obj *rangestore.Object, uri string) (time.Time, bool) {
+func (rq *request) expiry(obj *rangestore.Object) (time.Time, bool) {
 	m := obj.Meta()
-	ttl, expires := h.lifetime(m, uri)
+	ttl, expires := rq.h.freshnessLifetime(m, rq.uri)
 	if !expires {
 		return time.Time{}, false
 	}
-	c.mu.Lock()
-	validated, ok := c.validated[obj.ID()]
-	c.mu.Unlock()
+	v := &rq.c.validated
+	v.mu.Lock()
+	validated, ok := v.m[obj.ID()]
+	v.mu.Unlock()
 	if !ok {
 		validated = time.Unix(metaInt(m, metaStored), 0)
 	}
@@ -173,7 +187,8 @@ func (h *Handler) expiry(c *cache, obj *rangestore.Object, uri string) (time.Tim
 
 // markValidated records that obj was confirmed current upstream now.
 func (c *cache) markValidated(obj *rangestore.Object) {
-	c.mu.Lock()
-	c.validated[obj.ID()] = freshnessNow()
-	c.mu.Unlock()
+	v := &c.validated
+	v.mu.Lock()
+	v.m[obj.ID()] = c.now()
+	v.mu.Unlock()
 }

@@ -221,8 +221,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // Validate checks the configuration.
 func (h *Handler) Validate() error {
-	if h.MaxSize < 0 || h.MinFree != nil && *h.MinFree < 0 || h.ReadAhead < 0 || h.FillTimeout < 0 || h.MaxLevels < 0 || h.IndexTTL < 0 || h.StaleIfError < 0 {
-		return fmt.Errorf("mcc: sizes and timeouts must not be negative")
+	for _, f := range []struct {
+		name     string
+		negative bool
+	}{
+		{"max_size", h.MaxSize < 0},
+		{"min_free", h.MinFree != nil && *h.MinFree < 0},
+		{"read_ahead", h.ReadAhead < 0},
+		{"fill_timeout", h.FillTimeout < 0},
+		{"max_levels", h.MaxLevels < 0},
+		{"index_ttl", h.IndexTTL < 0},
+		{"stale_if_error", h.StaleIfError < 0},
+	} {
+		if f.negative {
+			return fmt.Errorf("mcc: %s must not be negative", f.name)
+		}
 	}
 	if !validToken(h.Name) {
 		return fmt.Errorf("mcc: name %q is not an HTTP token", h.Name)
@@ -242,24 +255,25 @@ func (h *Handler) Cleanup() error {
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	t := &tally{c: h.cache}
-	defer logTally(r, t)
+	rq := &request{h: h, c: h.cache, w: w, r: r, next: next, t: tally{c: h.cache}}
+	defer logTally(r, &rq.t)
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
-		return h.refuse(w, t, http.StatusMethodNotAllowed, "method "+r.Method+" is not served by the cache")
+		return rq.refuse(http.StatusMethodNotAllowed, "method "+r.Method+" is not served by the cache")
 	}
-	req, err := classify(r, h.origins)
+	tg, err := classify(r, h.origins)
 	if err != nil {
-		return h.refuse(w, t, http.StatusForbidden, err.Error())
+		return rq.refuse(http.StatusForbidden, err.Error())
 	}
-	if canon, ok := h.aliases[req.origin]; ok {
-		req.key = canon + req.uri
+	if canon, ok := h.aliases[tg.origin]; ok {
+		tg.key = canon + tg.uri
 	}
+	rq.target = tg
 	if reason := h.checkLoop(r); reason != "" {
-		return h.refuse(w, t, http.StatusLoopDetected, reason)
+		return rq.refuse(http.StatusLoopDetected, reason)
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		setPlaceholders(repl, req)
+		setPlaceholders(repl, tg)
 	}
 	// The Linux Delivery Optimization agent resends its whole header list
 	// on every resume, so the k-th resume carries k Range lines, oldest
@@ -274,11 +288,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if store == nil {
 		// The store could not be opened (logged at start): still serve,
 		// without caching.
-		t.answer(statusBypass)
+		rq.t.answer(statusBypass)
 		w.Header().Set("Cache-Status", h.Name+"; fwd=bypass; detail=store-unavailable")
 		return next.ServeHTTP(w, r)
 	}
-	return h.serve(w, r, next, req, h.cache, store, t)
+	rq.store = store
+	return rq.serve()
 }
 
 // logTally adds the request's cache status and byte sources to its access
@@ -315,9 +330,9 @@ func (h *Handler) checkLoop(r *http.Request) string {
 	return ""
 }
 
-func setPlaceholders(repl *caddy.Replacer, req request) {
-	repl.Set("http.mcc.origin_host", req.origin)
-	uri := req.uri
+func setPlaceholders(repl *caddy.Replacer, tg target) {
+	repl.Set("http.mcc.origin_host", tg.origin)
+	uri := tg.uri
 	if !strings.Contains(uri, "?") {
 		// An empty query, so that `rewrite {http.mcc.origin_uri}` drops
 		// the client's (cacheHostOrigin): without a "?" Caddy's rewrite
@@ -328,14 +343,14 @@ func setPlaceholders(repl *caddy.Replacer, req request) {
 }
 
 // refuse answers a request the cache does not serve, with a short reason.
-func (h *Handler) refuse(w http.ResponseWriter, t *tally, status int, reason string) error {
-	t.answer(statusBypass)
-	hdr := w.Header()
+func (rq *request) refuse(status int, reason string) error {
+	rq.t.answer(statusBypass)
+	hdr := rq.w.Header()
 	hdr.Set("Content-Type", "text/plain; charset=utf-8")
 	hdr.Set("X-Content-Type-Options", "nosniff")
-	hdr.Set("Cache-Status", h.Name+"; fwd=bypass")
-	w.WriteHeader(status)
-	_, err := fmt.Fprintf(w, "caddy-mcc: %s\n", reason)
+	hdr.Set("Cache-Status", rq.h.Name+"; fwd=bypass")
+	rq.w.WriteHeader(status)
+	_, err := fmt.Fprintf(rq.w, "caddy-mcc: %s\n", reason)
 	return err
 }
 

@@ -2,7 +2,6 @@ package caddymcc
 
 import (
 	"errors"
-	"sort"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
@@ -120,19 +119,6 @@ func (cacheMetrics) Collect(ch chan<- prometheus.Metric) {
 		gauge(metricStoredObjects, int64(st.Objects))
 		gauge(metricMaxSize, st.MaxSize)
 	}
-}
-
-// cachesInUse returns the caches of every store directory in use, by path.
-func cachesInUse() []*cache {
-	var out []*cache
-	caches.Range(func(_, v any) bool {
-		if c, ok := v.(*cache); ok {
-			out = append(out, c)
-		}
-		return true
-	})
-	sort.Slice(out, func(i, j int) bool { return out[i].dir < out[j].dir })
-	return out
 }
 
 // Interface guards

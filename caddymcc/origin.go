@@ -73,9 +73,9 @@ func checkHostName(h string) error {
 	return nil
 }
 
-// request is what the handler makes of a client request: which origin it is
-// for and how it is cached.
-type request struct {
+// target is what a client request is for: which origin, what to ask it
+// for, and under which key it is cached.
+type target struct {
 	origin string // lower-case origin host
 	uri    string // path and query to ask the origin for, without cacheHostOrigin
 	key    string // cache key: origin host + uri
@@ -92,11 +92,11 @@ func (e errNotAllowed) Error() string { return e.reason }
 // origin comes from the cacheHostOrigin query parameter, or, without one,
 // from the Host header (Configuration Manager's form) when that host is
 // itself an allowed origin.
-func classify(r *http.Request, allowed []originPattern) (request, error) {
+func classify(r *http.Request, allowed []originPattern) (target, error) {
 	rawQuery := r.URL.RawQuery
 	rest, origins, err := splitOriginParam(rawQuery)
 	if err != nil {
-		return request{}, errNotAllowed{err.Error()}
+		return target{}, errNotAllowed{err.Error()}
 	}
 	var host string
 	switch len(origins) {
@@ -107,29 +107,29 @@ func classify(r *http.Request, allowed []originPattern) (request, error) {
 		}
 		host = strings.ToLower(host)
 		if checkHostName(host) != nil || !allowedHost(host, allowed) {
-			return request{}, errNotAllowed{"no cacheHostOrigin and host " + quoteShort(r.Host) + " is not a cached origin"}
+			return target{}, errNotAllowed{"no cacheHostOrigin and host " + quoteShort(r.Host) + " is not a cached origin"}
 		}
 	case 1:
 		host = strings.ToLower(origins[0])
 		if err := checkHostName(host); err != nil {
-			return request{}, errNotAllowed{"cacheHostOrigin " + quoteShort(origins[0]) + ": " + err.Error()}
+			return target{}, errNotAllowed{"cacheHostOrigin " + quoteShort(origins[0]) + ": " + err.Error()}
 		}
 		if !allowedHost(host, allowed) {
-			return request{}, errNotAllowed{"origin " + host + " is not cached here"}
+			return target{}, errNotAllowed{"origin " + host + " is not cached here"}
 		}
 	default:
-		return request{}, errNotAllowed{"more than one cacheHostOrigin"}
+		return target{}, errNotAllowed{"more than one cacheHostOrigin"}
 	}
 	uri := r.URL.EscapedPath()
 	if uri == "" || uri[0] != '/' {
-		return request{}, errNotAllowed{"path must start with /"}
+		return target{}, errNotAllowed{"path must start with /"}
 	}
 	key := host + removeDotSegments(uri)
 	if rest != "" {
 		uri += "?" + rest
 		key += "?" + rest
 	}
-	return request{origin: host, uri: uri, key: key}, nil
+	return target{origin: host, uri: uri, key: key}, nil
 }
 
 // removeDotSegments resolves "." and ".." path segments (RFC 3986 section

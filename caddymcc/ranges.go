@@ -240,3 +240,58 @@ func parseHTTPDate(s string) time.Time {
 	}
 	return t
 }
+
+// parseContentRange parses "bytes S-E/TOTAL" or "bytes */TOTAL" (start and
+// end are -1 then); total is -1 for "/*".
+func parseContentRange(s string) (start, end, total int64, ok bool) {
+	rest, found := strings.CutPrefix(s, "bytes ")
+	if !found {
+		return 0, 0, 0, false
+	}
+	rng, tot, found := strings.Cut(rest, "/")
+	if !found {
+		return 0, 0, 0, false
+	}
+	total = -1
+	if tot != "*" {
+		t, err := strconv.ParseInt(tot, 10, 64)
+		if err != nil || t < 0 {
+			return 0, 0, 0, false
+		}
+		total = t
+	}
+	if rng == "*" {
+		return -1, -1, total, true
+	}
+	a, b, found := strings.Cut(rng, "-")
+	if !found {
+		return 0, 0, 0, false
+	}
+	start, err1 := strconv.ParseInt(a, 10, 64)
+	end, err2 := strconv.ParseInt(b, 10, 64)
+	if err1 != nil || err2 != nil || start < 0 || end < start || total >= 0 && end >= total {
+		return 0, 0, 0, false
+	}
+	return start, end, total, true
+}
+
+// wantedSpan returns the first and last byte of a Range header's first
+// range as far as they are known without the object's length: start 0 for
+// a suffix range or none, end -1 when open.
+func wantedSpan(s string) (start, end int64) {
+	spec, ok := strings.CutPrefix(s, "bytes=")
+	if !ok {
+		return 0, -1
+	}
+	first, _, _ := strings.Cut(spec, ",")
+	a, b, ok := strings.Cut(strings.TrimSpace(first), "-")
+	start, err := strconv.ParseInt(strings.TrimSpace(a), 10, 64)
+	if !ok || err != nil || start < 0 {
+		return 0, -1
+	}
+	end, err = strconv.ParseInt(strings.TrimSpace(b), 10, 64)
+	if err != nil || end < start {
+		return start, -1
+	}
+	return start, end
+}

@@ -176,9 +176,14 @@ func TestRemoveDotSegments(t *testing.T) {
 func TestLifetimeFollowsOriginThenAptDefaults(t *testing.T) {
 	h := &Handler{indexTTL: defaultIndexTTL}
 	meta := func(kv ...string) rangestore.Meta {
-		m := rangestore.Meta{Header: map[string][]string{metaStored: {"1767225600"}}} // 2026-01-01
+		m := rangestore.Meta{Header: map[string][]string{}, Internal: map[string]string{metaStored: "1767225600"}} // 2026-01-01
 		for i := 0; i+1 < len(kv); i += 2 {
-			m.Header[kv[i]] = append(m.Header[kv[i]], kv[i+1])
+			switch kv[i] {
+			case metaAge, metaDate:
+				m.Internal[kv[i]] = kv[i+1]
+			default:
+				m.Header[kv[i]] = append(m.Header[kv[i]], kv[i+1])
+			}
 		}
 		return m
 	}
@@ -206,7 +211,7 @@ func TestLifetimeFollowsOriginThenAptDefaults(t *testing.T) {
 		{"origin max-age beats apt default", meta("Cache-Control", "max-age=5"), "/debian/dists/stable/InRelease", 5 * time.Second, true},
 	}
 	for _, c := range cases {
-		ttl, expires := h.lifetime(c.m, c.uri)
+		ttl, expires := h.freshnessLifetime(c.m, c.uri)
 		if ttl != c.ttl || expires != c.expires {
 			t.Errorf("%s: lifetime %s, expires %v; want %s, %v", c.name, ttl, expires, c.ttl, c.expires)
 		}

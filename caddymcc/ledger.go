@@ -14,16 +14,18 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcc/caddy-mcc/rangestore"
 )
 
 // counterFile is the file in the store directory that carries a store's
-// lifetime totals across restarts.
+// totals across restarts.
 const counterFile = "mcc-counters.json"
 
 // summaryPeriod is the summary's period, MCC's 15 seconds: the ledger
 // samples the totals once a period and saves them, and the summary reports
-// the last whole period. Tests lengthen it and close periods themselves.
-var summaryPeriod = 15 * time.Second
+// the last whole period.
+const summaryPeriod = 15 * time.Second
 
 // historyLen is how many samples the ledger keeps: an hour of periods.
 const historyLen = 240
@@ -40,19 +42,23 @@ type totals struct {
 	Requests       map[string]int64 `json:"requests,omitempty"`
 }
 
-// ledger keeps a cache's lifetime totals, those of earlier runs (loaded
-// from counterFile) plus this run's counters, and a sample of the bytes
-// sent every period for the last hour. Its goroutine lives as long as the
-// cache: it samples and saves the totals every period, and saves them once
-// more when the cache is destructed.
+// ledger keeps a cache's totals since the store was first used, those of
+// earlier runs (loaded from counterFile) plus this run's counters, and a
+// sample of the bytes sent every period for the last hour. Its goroutine
+// lives as long as the cache: it samples and saves the totals every
+// period, and saves them once more when the cache is destructed.
 type ledger struct {
 	once   sync.Once
 	period time.Duration
 	logger *zap.Logger
-	ready  chan struct{} // closed once base and owner are set
-	done   chan struct{} // closed after the last save
-	base   totals        // earlier runs
-	owner  bool          // this process has the store open and saves
+	// periodMu orders the clock's period ends against holdPeriods; held
+	// stops the clock.
+	periodMu sync.Mutex
+	held     bool
+	ready    chan struct{} // closed once base and owner are set
+	done     chan struct{} // closed after the last save
+	base     totals        // earlier runs
+	owner    bool          // this process has the store open and saves
 
 	saveMu sync.Mutex // one save at a time; guards saved
 	saved  []byte     // what the last save wrote
@@ -62,7 +68,8 @@ type ledger struct {
 	head, n int
 }
 
-// sample is a store's lifetime bytes sent at one moment.
+// sample is the bytes a store sent since it was first used, at one
+// moment.
 type sample struct {
 	at        time.Time
 	hit, miss int64
@@ -126,7 +133,7 @@ func (l *ledger) run(c *cache, prev *ledger) {
 		case err == nil:
 			l.base = t
 		case !errors.Is(err, fs.ErrNotExist):
-			l.logger.Warn("cannot read lifetime counters; starting from zero", zap.String("dir", c.dir), zap.Error(err))
+			l.logger.Warn("cannot read the saved counters; starting from zero", zap.String("dir", c.dir), zap.Error(err))
 		}
 	}
 	l.record(c.sample(time.Now()))
@@ -137,7 +144,11 @@ func (l *ledger) run(c *cache, prev *ledger) {
 	for {
 		select {
 		case now := <-tick.C:
-			c.closePeriod(now)
+			l.periodMu.Lock()
+			if !l.held {
+				c.closePeriod(now)
+			}
+			l.periodMu.Unlock()
 		case <-c.ctx.Done():
 			// Destruct cancelled the cache: count what the fills still
 			// finishing fetch, then save for the next run.
@@ -157,7 +168,22 @@ func (c *cache) closePeriod(now time.Time) {
 	c.save()
 }
 
-// save writes the lifetime totals to counterFile, if this process owns
+// holdPeriods stops the ledger's clock, so that only closePeriod ends a
+// period from now on, and restarts the history from a sample taken now.
+// Tests use it to make period figures exact.
+func (c *cache) holdPeriods() {
+	l := c.ledger()
+	<-l.ready
+	l.periodMu.Lock()
+	defer l.periodMu.Unlock()
+	l.held = true
+	l.mu.Lock()
+	l.head, l.n = 0, 0
+	l.mu.Unlock()
+	l.record(c.sample(time.Now()))
+}
+
+// save writes the totals to counterFile, if this process owns
 // the store and they changed since the last save: an idle gateway does
 // not write to its disk every period.
 func (c *cache) save() {
@@ -172,13 +198,14 @@ func (c *cache) save() {
 		return
 	}
 	if err := saveTotals(c.dir, b); err != nil {
-		l.logger.Warn("cannot save lifetime counters", zap.String("dir", c.dir), zap.Error(err))
+		l.logger.Warn("cannot save the counters", zap.String("dir", c.dir), zap.Error(err))
 		return
 	}
 	l.saved = b
 }
 
-// totals returns the store's lifetime totals. The ledger must be ready.
+// totals returns the store's totals since it was first used. The ledger
+// must be ready.
 func (c *cache) totals() totals {
 	l := &c.stats.ledger
 	s := &c.stats
@@ -200,7 +227,8 @@ func (c *cache) totals() totals {
 	return t
 }
 
-// sample reads the lifetime bytes sent. The ledger's base must be set.
+// sample reads the bytes sent since the store was first used. The
+// ledger's base must be set.
 func (c *cache) sample(now time.Time) sample {
 	b := &c.stats.ledger.base
 	return sample{
@@ -266,25 +294,5 @@ func loadTotals(dir string) (totals, error) {
 // saveTotals replaces counterFile with b atomically: a crash leaves the
 // old totals or the new ones, never a torn file.
 func saveTotals(dir string, b []byte) error {
-	path := filepath.Join(dir, counterFile)
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(append(b, '\n'))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return nil
+	return rangestore.WriteFileAtomic(filepath.Join(dir, counterFile), append(b, '\n'))
 }
