@@ -161,6 +161,27 @@ func TestValidateRejectsNegativeSizesAndBadNames(t *testing.T) {
 	}
 }
 
+// TestValidateNamesTheWrongField checks that Validate's error names the
+// subdirective to fix, not a group of them.
+func TestValidateNamesTheWrongField(t *testing.T) {
+	neg := int64(-1)
+	for field, h := range map[string]Handler{
+		"max_size":       {MaxSize: -1},
+		"min_free":       {MinFree: &neg},
+		"read_ahead":     {ReadAhead: -1},
+		"fill_timeout":   {FillTimeout: -1},
+		"max_levels":     {MaxLevels: -1},
+		"index_ttl":      {IndexTTL: -1},
+		"stale_if_error": {StaleIfError: -1},
+	} {
+		h.Name = "caddy-mcc"
+		err := h.Validate()
+		if want := "mcc: " + field + " must not be negative"; err == nil || err.Error() != want {
+			t.Errorf("Validate(%s) = %v, want %q", describe(h), err, want)
+		}
+	}
+}
+
 // adaptCaddyfile adapts a Caddyfile to JSON as `caddy adapt` does.
 func adaptCaddyfile(t *testing.T, src string) []byte {
 	t.Helper()
