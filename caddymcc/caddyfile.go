@@ -33,6 +33,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    origins      <host pattern>...  # repeatable; exact host or *.suffix
 //	    canonical    <host> <alias>...  # repeatable; mirrors sharing one cache key
 //	    read_ahead   <size>             # default: 16MiB
+//	    max_object_size <size>          # default: 64GiB
 //	    fill_timeout <duration>         # default: 30s
 //	    index_ttl    <duration>         # default: 30s
 //	    stale_if_error <duration>       # default: 24h
@@ -54,7 +55,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.Dir = d.Val()
-		case "max_size", "min_free", "block_size", "read_ahead":
+		case "max_size", "min_free", "block_size", "read_ahead", "max_object_size":
 			name := d.Val()
 			if !d.NextArg() {
 				return d.ArgErr()
@@ -72,6 +73,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.BlockSize = n
 			case "read_ahead":
 				h.ReadAhead = n
+			case "max_object_size":
+				h.MaxObjectSize = n
 			}
 		case "origins":
 			args := d.RemainingArgs()

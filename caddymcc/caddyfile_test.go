@@ -46,6 +46,7 @@ func TestUnmarshalCaddyfileSetsEverySubdirective(t *testing.T) {
 			Name:        "edge-1",
 		}},
 		{"KiB block size", "mcc {\n block_size 64KiB\n}", Handler{BlockSize: 64 << 10}},
+		{"max_object_size", "mcc {\n max_object_size 4GiB\n}", Handler{MaxObjectSize: 4 << 30}},
 		{"lower-case IEC unit", "mcc {\n block_size 64kib\n}", Handler{BlockSize: 64 << 10}},
 		{"SI units are decimal", "mcc {\n max_size 500MB\n read_ahead 64k\n}", Handler{MaxSize: 500_000_000, ReadAhead: 64_000}},
 		{"fractional size", "mcc {\n max_size 1.5GiB\n}", Handler{MaxSize: 3 << 29}},

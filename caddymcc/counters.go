@@ -39,7 +39,7 @@ const (
 	fillInvalid                   // wrong range, no length, short or long body
 	fillChanged                   // object changed upstream (identity)
 	fillStore                     // the store refused the bytes (disk budget, I/O)
-	fillUpstream                  // reverse_proxy failed (dial, 5xx from the proxy)
+	fillUpstream                  // reverse_proxy failed (dial, 5xx from the proxy), or panicked
 	numFillErrors
 )
 
@@ -55,7 +55,7 @@ func classifyFillError(err error) fillError {
 		return fillAborted
 	case errors.Is(err, errIdentityChanged):
 		return fillChanged
-	case errors.Is(err, errShortBody), errors.Is(err, errLongBody), errors.Is(err, errWrongRange), errors.Is(err, errNoLength):
+	case errors.Is(err, errShortBody), errors.Is(err, errLongBody), errors.Is(err, errWrongRange), errors.Is(err, errNoLength), errors.Is(err, errTooLarge):
 		return fillInvalid
 	case errors.Is(err, rangestore.ErrNoSpace), errors.Is(err, rangestore.ErrGone), errors.Is(err, rangestore.ErrClosed):
 		return fillStore

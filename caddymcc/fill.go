@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"time"
@@ -74,6 +75,8 @@ var (
 	errIdentityChanged = errors.New("upstream object changed (length, ETag or Last-Modified) during the download")
 	errUpstreamAborted = errors.New("upstream connection aborted mid-body")
 	errFillIdle        = errors.New("upstream sent nothing for the fill timeout")
+	errTooLarge        = errors.New("upstream object is larger than max_object_size")
+	errPanic           = errors.New("panic while filling")
 )
 
 func (f *fill) notifyLocked() {
@@ -265,7 +268,7 @@ func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next
 		fw.timedOut.Store(true)
 		cancel()
 	})
-	err := serveNext(next, fw, fr)
+	err := serveNext(h.logger, next, fw, fr)
 	fw.idle.Stop()
 	err = fw.finish(err)
 	if err != nil && fw.timedOut.Load() {
@@ -278,21 +281,30 @@ func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next
 	f.c.stats.fillSeconds.observe(time.Since(began))
 	var pass *upstreamResponse
 	if err != nil && !errors.As(err, &pass) {
+		kind := classifyFillError(err)
 		f.c.stats.upstreamErrors.Add(1)
-		f.c.stats.fillErrors[classifyFillError(err)].Add(1)
+		f.c.stats.fillErrors[kind].Add(1)
+		if kind == fillInvalid {
+			h.logger.Warn("refused an upstream answer", zap.String("key", f.key), zap.Error(err))
+		}
 	}
 	f.settle(fw.obj, err, fw.start, fw.end)
 }
 
-// serveNext calls the next handler, turning reverse_proxy's
-// http.ErrAbortHandler panic (upstream body cut off) into an error.
-func serveNext(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error) {
+// serveNext calls the next handler for a fill, turning a panic into the
+// fill's error: reverse_proxy's http.ErrAbortHandler (upstream body cut
+// off) is expected; any other panic, in the handlers or in the fill's own
+// writer, fails this fill with its stack logged rather than taking the
+// process (every download on the gateway) down.
+func serveNext(logger *zap.Logger, next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error) {
 	defer func() {
-		if v := recover(); v != nil {
-			if v != http.ErrAbortHandler {
-				panic(v)
-			}
+		switch v := recover(); {
+		case v == nil:
+		case v == http.ErrAbortHandler:
 			err = errUpstreamAborted
+		default:
+			logger.Error("panic in a fill", zap.String("uri", r.RequestURI), zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+			err = fmt.Errorf("%w: %v", errPanic, v)
 		}
 	}()
 	return next.ServeHTTP(w, r)

@@ -101,6 +101,10 @@ func (w *fillWriter) WriteHeader(code int) {
 		w.pass = &upstreamResponse{status: code, header: h}
 		return
 	}
+	if meta.Length > w.h.MaxObjectSize {
+		w.failed = fmt.Errorf("%w: %d bytes, max_object_size is %d", errTooLarge, meta.Length, w.h.MaxObjectSize)
+		return
+	}
 	stampMeta(&meta, w.header, c.now())
 	if err := w.pin(meta); err != nil {
 		w.failed = err

@@ -86,6 +86,11 @@ type Handler struct {
 	// slow round trip. Default: 16MiB.
 	ReadAhead int64 `json:"read_ahead,omitempty"`
 
+	// MaxObjectSize is the largest object the cache stores. An upstream
+	// answer that gives a larger (or malformed) length is refused with 502
+	// and a log line, and nothing of it is stored. Default: 64GiB.
+	MaxObjectSize int64 `json:"max_object_size,omitempty"`
+
 	// IndexTTL is how long a package repository's index file (InRelease,
 	// Release, Packages*, Sources*, Contents*, Translation*, *.diff/Index)
 	// is served before it is revalidated, when its origin gives no
@@ -132,11 +137,14 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 
 // Default sizes.
 const (
-	defaultMinFree   = 1 << 30
-	defaultReadAhead = 16 << 20
-	defaultFillIdle  = 30 * time.Second
-	defaultMaxLevels = 16
-	defaultIndexTTL  = 30 * time.Second
+	defaultMinFree       = 1 << 30
+	defaultReadAhead     = 16 << 20
+	defaultMaxObjectSize = 64 << 30
+	// Byte offsets within any object then stay far from overflowing.
+	maxObjectSizeLimit = 1 << 50
+	defaultFillIdle    = 30 * time.Second
+	defaultMaxLevels   = 16
+	defaultIndexTTL    = 30 * time.Second
 	// Disconnected sites keep serving what they have through a day of
 	// upstream outage.
 	defaultStaleIfError = 24 * time.Hour
@@ -150,6 +158,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.ReadAhead == 0 {
 		h.ReadAhead = defaultReadAhead
+	}
+	if h.MaxObjectSize == 0 {
+		h.MaxObjectSize = defaultMaxObjectSize
 	}
 	h.raBlocks = int(max(1, h.ReadAhead/h.BlockSize))
 	h.fillTimeout = time.Duration(h.FillTimeout)
@@ -228,6 +239,7 @@ func (h *Handler) Validate() error {
 		{"max_size", h.MaxSize < 0},
 		{"min_free", h.MinFree != nil && *h.MinFree < 0},
 		{"read_ahead", h.ReadAhead < 0},
+		{"max_object_size", h.MaxObjectSize < 0},
 		{"fill_timeout", h.FillTimeout < 0},
 		{"max_levels", h.MaxLevels < 0},
 		{"index_ttl", h.IndexTTL < 0},
@@ -236,6 +248,9 @@ func (h *Handler) Validate() error {
 		if f.negative {
 			return fmt.Errorf("mcc: %s must not be negative", f.name)
 		}
+	}
+	if h.MaxObjectSize > maxObjectSizeLimit {
+		return fmt.Errorf("mcc: max_object_size must be at most %d (1PiB)", int64(maxObjectSizeLimit))
 	}
 	if !validToken(h.Name) {
 		return fmt.Errorf("mcc: name %q is not an HTTP token", h.Name)

@@ -88,6 +88,11 @@ func (rq *request) join(fl *flights, start func() *fill) *fill {
 func (rq *request) learn() (*rangestore.Object, *fill, error) {
 	bs := rq.c.blockSize
 	start, end := wantedSpan(rq.r.Header.Get("Range"))
+	if start >= rq.h.MaxObjectSize {
+		// No stored object reaches there: learn the length from the
+		// start, and the client gets its 416 from that.
+		start, end = 0, -1
+	}
 	first := int(start / bs)
 	last := first + rq.h.raBlocks - 1
 	if end >= 0 {
