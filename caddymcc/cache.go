@@ -56,6 +56,9 @@ type cache struct {
 	// skew moves the clock of freshness decisions forward, for tests that
 	// would otherwise wait out a TTL; zero in production.
 	skew atomic.Int64
+	// beforeLearn, when set (by tests, before any request), runs when a
+	// request did not find its object and is about to learn it.
+	beforeLearn func(key string)
 }
 
 // loadCache returns the shared cache for dir, opening its store in the

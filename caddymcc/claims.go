@@ -54,12 +54,34 @@ func (cl *claims) claim(obj *rangestore.Object, b, last, span int, start func(fi
 	return cl.m[blockKey{obj.ID(), b}]
 }
 
-// own gives f the free blocks of obj from first to last: those its
-// response carries beyond what it was planned for.
-func (cl *claims) own(obj *rangestore.Object, first, last int, f *fill) {
+// own gives f the free blocks of obj holding bytes [start, end): those
+// its response carries beyond what it was planned for.
+func (cl *claims) own(obj *rangestore.Object, start, end int64, f *fill) {
 	cl.mu.Lock()
 	defer cl.mu.Unlock()
-	for b := first; b <= last; b++ {
+	cl.ownLocked(obj, start, end, f)
+}
+
+// create makes the object of a fill's first response with create and gives
+// f its free blocks holding bytes [start, end) in the same step: a client
+// that found the object before its blocks were claimed would start a
+// second fill for them.
+func (cl *claims) create(create func() (*rangestore.Object, error), start, end int64, f *fill) (*rangestore.Object, error) {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	obj, err := create()
+	if err != nil {
+		return nil, err
+	}
+	cl.ownLocked(obj, start, end, f)
+	return obj, nil
+}
+
+func (cl *claims) ownLocked(obj *rangestore.Object, start, end int64, f *fill) {
+	if end <= start {
+		return
+	}
+	for b := obj.BlockOf(start); b <= obj.BlockOf(end-1); b++ {
 		if cl.free(obj, b) {
 			cl.m[blockKey{obj.ID(), b}] = f
 		}

@@ -64,6 +64,14 @@ func (u *upstreamResponse) Error() string {
 	return fmt.Sprintf("upstream answered %d", u.status)
 }
 
+// errUnsatisfiable is an upstream 416 to a learning fill, with the length
+// it gave: each waiting client answers its own range against it.
+type errUnsatisfiable struct{ length int64 }
+
+func (e *errUnsatisfiable) Error() string {
+	return fmt.Sprintf("range not satisfiable: the object has %d bytes", e.length)
+}
+
 // maxPassBody bounds the body kept of a passed-through error response.
 const maxPassBody = 64 << 10
 
@@ -241,13 +249,19 @@ func (rq *request) subrequest(start, end int64) (*http.Request, context.CancelFu
 	fr.Method = http.MethodGet
 	fr.Body = http.NoBody
 	fr.ContentLength = 0
-	for _, k := range []string{"Range", "If-Range", "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "Accept-Encoding", "Te", "Cache-Control", "Pragma"} {
-		fr.Header.Del(k)
+	// The answer serves every client, so the request carries nothing of
+	// this client's (credentials, cookies, conditionals, negotiation)
+	// beyond the Via entries that detect forwarding loops, and asks for
+	// the bytes as stored: a compressed answer could not be cut into byte
+	// ranges of the object.
+	fr.Header = http.Header{
+		"Accept-Encoding": {"identity"},
+		"Range":           {"bytes=" + strconv.FormatInt(start, 10) + "-" + strconv.FormatInt(end, 10)},
+		"User-Agent":      {"caddy-mcc"},
 	}
-	// Ask for the bytes as stored: a compressed answer could not be cut
-	// into byte ranges of the object.
-	fr.Header.Set("Accept-Encoding", "identity")
-	fr.Header.Set("Range", "bytes="+strconv.FormatInt(start, 10)+"-"+strconv.FormatInt(end, 10))
+	for _, v := range r.Header.Values("Via") {
+		fr.Header.Add("Via", v)
+	}
 	// Our mark for loop detection upstream (see Handler.checkLoop).
 	fr.Header.Add("Via", "1.1 "+rq.c.node)
 	srv, _ := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
@@ -279,8 +293,7 @@ func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next
 			zap.Int64("bytes", fw.received), zap.Duration("took", time.Since(began)), zap.Error(err))
 	}
 	f.c.stats.fillSeconds.observe(time.Since(began))
-	var pass *upstreamResponse
-	if err != nil && !errors.As(err, &pass) {
+	if err != nil && !answered(err) {
 		kind := classifyFillError(err)
 		f.c.stats.upstreamErrors.Add(1)
 		f.c.stats.fillErrors[kind].Add(1)
@@ -289,6 +302,16 @@ func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next
 		}
 	}
 	f.settle(fw.obj, err, fw.start, fw.end)
+}
+
+// answered reports whether a fill's error is an answer of the upstream's
+// that the waiting clients act on, not a failure: an origin's 4xx, a 416
+// that tells the length, or an answer to pass through.
+func answered(err error) bool {
+	var pass *upstreamResponse
+	var un *errUnsatisfiable
+	_, through := isPassThrough(err)
+	return errors.As(err, &pass) || errors.As(err, &un) || through
 }
 
 // serveNext calls the next handler for a fill, turning a panic into the
@@ -324,6 +347,10 @@ func (f *fill) settle(obj *rangestore.Object, err error, start, end int64) {
 		c.claims.drop(obj, f.first, f.last, f)
 		if end > start {
 			c.claims.drop(obj, obj.BlockOf(start), obj.BlockOf(end-1), f)
+		}
+		if err != nil && !strongValidator(obj.Meta()) {
+			// It had to come whole from this one response.
+			obj.Invalidate()
 		}
 	}
 

@@ -88,17 +88,29 @@ func (w *fillWriter) WriteHeader(code int) {
 		f.mu.Unlock()
 		return
 	case http.StatusRequestedRangeNotSatisfiable:
-		// An empty object has no byte to ask for.
-		if _, _, total, ok := parseContentRange(w.header.Get("Content-Range")); ok && total == 0 && reqStart == 0 {
+		_, _, total, ok := parseContentRange(w.header.Get("Content-Range"))
+		switch {
+		case w.obj != nil:
+			// The stored version reaches bytes the upstream's does not
+			// have: it shrank, and the stored version goes.
+			w.obj.Invalidate()
+			w.failed = fmt.Errorf("%w: upstream answered 416 for bytes %d-%d of %d", errIdentityChanged, reqStart, reqEnd, w.obj.Size())
+			return
+		case ok && total == 0 && reqStart == 0:
+			// An empty object has no byte to ask for.
 			meta = metaFrom(w.header, 0)
 			w.start, w.end = 0, 0
-			break
+		case ok && total >= 0:
+			// Past the end of the object: its length is learned, and each
+			// waiting client gets its own answer.
+			w.failed = &errUnsatisfiable{length: total}
+			return
+		default:
+			w.keepAnswer(code)
+			return
 		}
-		fallthrough
 	default:
-		h := w.header.Clone()
-		h.Del("Content-Length")
-		w.pass = &upstreamResponse{status: code, header: h}
+		w.keepAnswer(code)
 		return
 	}
 	if meta.Length > w.h.MaxObjectSize {
@@ -124,37 +136,60 @@ func (w *fillWriter) WriteHeader(code int) {
 func (w *fillWriter) pin(meta rangestore.Meta) error {
 	f, c := w.f, w.f.c
 	if w.obj != nil {
-		if !w.obj.Meta().SameIdentity(meta) {
+		switch {
+		case !w.obj.Meta().SameIdentity(meta):
 			w.obj.Invalidate()
 			return fmt.Errorf("%w: stored etag %q length %d, upstream etag %q length %d",
 				errIdentityChanged, w.obj.Meta().ETag, w.obj.Size(), meta.ETag, meta.Length)
+		case !strongValidator(meta):
+			// Only a single response may make up a version without a
+			// strong validator: drop what is stored, the next request
+			// fetches it whole or passes it through.
+			w.obj.Invalidate()
+			return fmt.Errorf("%w: etag %q is not strong; ranges of it cannot be combined", errIdentityChanged, meta.ETag)
 		}
-	} else if uncacheable(meta) {
-		// no-store or private: stream it to this fill's clients from an
-		// object under no key, gone when they are done (RFC 9111 section
-		// 3); a version stored before goes too.
+		c.claims.own(w.obj, w.start, w.end, f)
+		return nil
+	}
+	switch {
+	case varies(w.header):
+		return errVaries
+	case !strongValidator(meta) && (w.start != 0 || w.end != meta.Length):
+		return errWeak
+	case uncacheable(meta):
+		// no-store or private: stream it to this fill's client from an
+		// object under no key, gone when it is done (RFC 9111 section 3);
+		// a version stored before goes too.
 		c.store.Invalidate(f.key)
 		obj, err := c.store.CreateTransient(meta)
 		if err != nil {
 			return err
 		}
 		w.obj = obj
-	} else {
+		c.claims.own(w.obj, w.start, w.end, f)
+		return nil
+	}
+	obj, err := c.claims.create(func() (*rangestore.Object, error) {
 		obj, err := c.store.Create(f.key, meta)
 		if errors.Is(err, rangestore.ErrIdentityMismatch) {
 			// A new version: the old one goes, holders keep reading it.
 			c.store.Invalidate(f.key)
 			obj, err = c.store.Create(f.key, meta)
 		}
-		if err != nil {
-			return err
-		}
-		w.obj = obj
+		return obj, err
+	}, w.start, w.end, f)
+	if err != nil {
+		return err
 	}
-	if w.end > w.start {
-		c.claims.own(w.obj, w.obj.BlockOf(w.start), w.obj.BlockOf(w.end-1), f)
-	}
+	w.obj = obj
 	return nil
+}
+
+// keepAnswer keeps a non-success answer to pass on to the fill's waiters.
+func (w *fillWriter) keepAnswer(code int) {
+	h := w.header.Clone()
+	h.Del("Content-Length")
+	w.pass = &upstreamResponse{status: code, header: h}
 }
 
 func (w *fillWriter) Write(p []byte) (int, error) {

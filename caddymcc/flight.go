@@ -14,16 +14,19 @@ type flights struct {
 func newFlights() *flights { return &flights{m: make(map[string]*fill)} }
 
 // join returns the fill in flight for key, starting one with start when
-// there is none; joined reports that another request had started it. The
-// caller is counted as a learner of the fill (see fill.headers) before the
-// fill can end, so a transient object it fetches stays open for the caller.
+// there is none (start may find there is nothing to do and return nil);
+// joined reports that another request had started it. The caller is
+// counted as a learner of the fill (see fill.headers) before the fill can
+// end, so a transient object it fetches stays open for the caller.
 func (fl *flights) join(key string, start func() *fill) (f *fill, joined bool) {
 	fl.mu.Lock()
 	defer fl.mu.Unlock()
 	f = fl.m[key]
 	joined = f != nil
 	if !joined {
-		f = start()
+		if f = start(); f == nil {
+			return nil, false
+		}
 		fl.m[key] = f
 	}
 	f.join()

@@ -51,6 +51,7 @@ type originObject struct {
 
 type originRequest struct {
 	path, query, rangeHeader, host string
+	header                         http.Header
 }
 
 func newOrigin(t *testing.T) *testOrigin {
@@ -98,7 +99,7 @@ func (o *testOrigin) setHook(h func(w http.ResponseWriter, r *http.Request, obj 
 func (o *testOrigin) serve(w http.ResponseWriter, r *http.Request) {
 	o.mu.Lock()
 	obj := o.objects[r.URL.Path]
-	o.requests = append(o.requests, originRequest{r.URL.Path, r.URL.RawQuery, r.Header.Get("Range"), r.Host})
+	o.requests = append(o.requests, originRequest{r.URL.Path, r.URL.RawQuery, r.Header.Get("Range"), r.Host, r.Header.Clone()})
 	hook := o.hook
 	o.mu.Unlock()
 	if obj == nil {

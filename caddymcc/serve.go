@@ -35,16 +35,38 @@ type request struct {
 func (rq *request) serve() error {
 	for attempt := 0; ; attempt++ {
 		obj, err := rq.store.Get(rq.key)
+		if hasCredentials(rq.r) && (err != nil || !sharedWithCredentials(obj.Meta())) {
+			if err == nil {
+				obj.Close()
+			}
+			return rq.passThrough("credentials")
+		}
 		var learned *fill
 		note := ""
 		if errors.Is(err, rangestore.ErrNotFound) {
+			if hook := rq.c.beforeLearn; hook != nil {
+				hook(rq.key)
+			}
 			obj, learned, err = rq.learn()
 		} else if err == nil {
 			if expires, ok := rq.expiry(obj); ok && !rq.c.now().Before(expires) {
 				obj, learned, note, err = rq.revalidate(obj, expires)
 			}
 		}
-		if err != nil {
+		var un *errUnsatisfiable
+		switch {
+		case err == nil:
+		case errors.As(err, &un):
+			// The object is shorter than the range the fill asked for:
+			// answer this client's own range against its length.
+			if _, _, rerr := requestedRanges(rq.r, "", time.Time{}, un.length); rerr == nil && attempt < 2 {
+				continue
+			}
+			return rq.unsatisfiable(un.length)
+		default:
+			if detail, ok := isPassThrough(err); ok {
+				return rq.passThrough(detail)
+			}
 			return rq.upstreamError(err)
 		}
 		sent, err := rq.respond(obj, learned, note)
@@ -69,6 +91,15 @@ func (rq *request) serve() error {
 		}
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// unsatisfiable answers 416 for a range past the end of an object of
+// length bytes that is not stored (RFC 9110 section 15.5.17).
+func (rq *request) unsatisfiable(length int64) error {
+	rq.t.answer(statusMiss)
+	rq.w.Header().Set("Cache-Status", rq.h.Name+"; fwd=miss")
+	writeUnsatisfiable(rq.w, errNoOverlap, length)
+	return nil
 }
 
 // join collapses the request onto the fill in flight for its key in fl,
@@ -101,13 +132,35 @@ func (rq *request) learn() (*rangestore.Object, *fill, error) {
 	if rq.r.Method == http.MethodHead {
 		last = first
 	}
-	f := rq.join(rq.c.learning, func() *fill { return rq.startFill(nil, first, last, nil) })
+	var found *rangestore.Object
+	f := rq.join(rq.c.learning, func() *fill {
+		// A learning fill may have stored the object and ended since the
+		// lookup: then there is nothing to learn.
+		if obj, err := rq.store.Get(rq.key); err == nil {
+			found = obj
+			return nil
+		}
+		return rq.startFill(nil, first, last, nil)
+	})
+	if f == nil {
+		return found, nil, nil
+	}
 	obj, err := f.headers(rq.r.Context())
 	if err == nil && obj == nil {
 		// The fill is over and stored the object: read the stored version.
 		obj, err = rq.store.Get(rq.key)
 	}
+	if err == nil && rq.notForMe(obj, f) {
+		obj.Close()
+		return nil, nil, errPrivate
+	}
 	return obj, f, err
+}
+
+// notForMe reports whether obj, fetched by fill f, is a private or
+// no-store answer (an object under no key) for another client's request.
+func (rq *request) notForMe(obj *rangestore.Object, f *fill) bool {
+	return obj.Key() == "" && f.by != rq.r
 }
 
 // revalidate checks a stale obj upstream with a conditional request,
@@ -130,6 +183,11 @@ func (rq *request) revalidate(obj *rangestore.Object, expired time.Time) (*range
 	if err == nil && fresh == nil && !f.wasNotModified() {
 		// The fill stored a version and ended: read it.
 		fresh, err = rq.store.Get(rq.key)
+	}
+	if err == nil && fresh != nil && rq.notForMe(fresh, f) {
+		fresh.Close()
+		obj.Close()
+		return nil, nil, "", errPrivate
 	}
 	switch {
 	case err == nil && fresh != nil:
