@@ -69,6 +69,7 @@ func (s *Store) snapshot(final bool) error {
 	defer s.snapMu.Unlock()
 
 	s.mu.Lock()
+	locked := time.Now()
 	if s.closed {
 		s.mu.Unlock()
 		return ErrClosed
@@ -100,6 +101,7 @@ func (s *Store) snapshot(final bool) error {
 		s.closed = true
 	}
 	s.mu.Unlock()
+	s.snapHold = time.Since(locked)
 	hook := testHookSnapshot
 	if hook != nil {
 		hook("journal-swapped")

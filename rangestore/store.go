@@ -116,6 +116,9 @@ type Store struct {
 	// time s.mu is held short.
 	snapMu sync.Mutex
 	ibuf   []byte
+	// snapHold is how long the last snapshot held s.mu, for the benchmark
+	// that keeps it short. Guarded by snapMu.
+	snapHold time.Duration
 
 	mu        sync.Mutex
 	objects   map[string]*entry
