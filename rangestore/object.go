@@ -394,7 +394,7 @@ func (w *BlockWriter) Commit() error {
 		}
 		s.recent = append(s.recent, blockRef{e, w.i})
 	}
-	e.crc[w.i] = w.crc
+	e.crc.set(w.i, w.crc)
 	e.set(w.i)
 	e.presentBytes += w.n
 	s.used += w.n

@@ -182,7 +182,7 @@ func (s *Store) encodeIndex(seq uint64, unsynced []blockRef) []byte {
 		}
 		for i := 0; i < o.nblocks; i++ {
 			if o.has(i) {
-				e.u32(o.crc[i])
+				e.u32(o.crc.get(i))
 			}
 		}
 	}
@@ -240,7 +240,7 @@ func (s *Store) readIndex() (uint64, []blockRef, error) {
 		gen := d.uint()
 		key := d.string()
 		m := d.meta()
-		if m.Length < 0 {
+		if !validLength(m.Length) {
 			d.fail()
 		}
 		if d.err != nil {
@@ -255,7 +255,7 @@ func (s *Store) readIndex() (uint64, []blockRef, error) {
 		}
 		for j := 0; j < e.nblocks; j++ {
 			if e.has(j) {
-				e.crc[j] = d.u32()
+				e.crc.set(j, d.u32())
 				e.presentBytes += s.blockLen(m.Length, j)
 			}
 		}
@@ -374,7 +374,7 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 		key := d.string()
 		m := d.meta()
 		d.int()
-		if d.err != nil || m.Length < 0 {
+		if d.err != nil || !validLength(m.Length) {
 			return journalled
 		}
 		if old := s.objects[key]; old != nil {
@@ -394,7 +394,7 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 		}
 		// A block is committed twice only when recovery dropped it and
 		// could not snapshot that; the later record has its bytes.
-		e.crc[i] = sum
+		e.crc.set(i, sum)
 		if !e.has(i) {
 			e.set(i)
 			e.presentBytes += s.blockLen(e.meta.Length, i)
@@ -423,7 +423,7 @@ func (s *Store) verify(e *entry, i int) bool {
 	off := int64(i) << s.shift
 	h := crc32.New(castagnoli)
 	n, err := io.Copy(h, io.NewSectionReader(f, off, s.blockLen(e.meta.Length, i)))
-	return err == nil && n == s.blockLen(e.meta.Length, i) && h.Sum32() == e.crc[i]
+	return err == nil && n == s.blockLen(e.meta.Length, i) && h.Sum32() == e.crc.get(i)
 }
 
 func (s *Store) removeOldJournals(seq uint64) {

@@ -35,6 +35,16 @@ var (
 	ErrGone             = errors.New("rangestore: object was invalidated")
 	ErrShortBlock       = errors.New("rangestore: block not completely written")
 	ErrClosed           = errors.New("rangestore: store closed")
+	ErrTooLarge         = errors.New("rangestore: object larger than the store's limit")
+)
+
+// Object size limits. An object's presence bitmap takes Length/BlockSize/8
+// bytes of memory from its creation (its checksums take memory only as its
+// blocks arrive), so the limit bounds what one Create can allocate: at the
+// default limit and the smallest block size, 2 MiB.
+const (
+	DefaultMaxObjectSize = 1 << 40 // 1 TiB
+	MaxMaxObjectSize     = 1 << 50 // 1 PiB, so block counts and offsets never overflow
 )
 
 // Options configure a Store. The zero value is usable.
@@ -48,6 +58,12 @@ type Options struct {
 
 	// MinFree is the free space to keep on the file system. Zero means none.
 	MinFree int64
+
+	// MaxObjectSize is the largest object Length that Create and
+	// CreateTransient accept; larger ones fail with ErrTooLarge. Objects
+	// stored under a larger limit before stay. At most MaxMaxObjectSize.
+	// Default: DefaultMaxObjectSize (1 TiB).
+	MaxObjectSize int64
 
 	// SnapshotInterval is how often the index is snapshotted (and the
 	// journal truncated) while anything changed. Default: 1 minute.
@@ -159,7 +175,7 @@ type entry struct {
 	present []atomic.Uint64 // bitmap, read without locks
 
 	// Guarded by Store.mu.
-	crc          []uint32
+	crc          checksums
 	writing      map[int]struct{}
 	presentBytes int64
 	refs         int
@@ -183,6 +199,28 @@ type blockRef struct {
 	i int
 }
 
+// checksums holds the CRC-32C of each present block, in chunks allocated
+// when a block of theirs is first committed: an object claiming a huge
+// length costs nothing for blocks it never gets.
+type checksums []*[crcChunk]uint32
+
+const crcChunk = 1024
+
+func (c checksums) get(i int) uint32 {
+	if p := c[i/crcChunk]; p != nil {
+		return p[i%crcChunk]
+	}
+	return 0
+}
+
+func (c checksums) set(i int, sum uint32) {
+	p := &c[i/crcChunk]
+	if *p == nil {
+		*p = new([crcChunk]uint32)
+	}
+	(*p)[i%crcChunk] = sum
+}
+
 func (e *entry) has(i int) bool { return e.present[i>>6].Load()&(1<<(i&63)) != 0 }
 func (e *entry) set(i int)      { e.present[i>>6].Or(1 << (i & 63)) }
 func (e *entry) clear(i int)    { e.present[i>>6].And(^uint64(1 << (i & 63))) }
@@ -201,6 +239,12 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	if opts.SnapshotInterval <= 0 {
 		opts.SnapshotInterval = time.Minute
+	}
+	if opts.MaxObjectSize == 0 {
+		opts.MaxObjectSize = DefaultMaxObjectSize
+	}
+	if opts.MaxObjectSize < 0 || opts.MaxObjectSize > MaxMaxObjectSize {
+		return nil, fmt.Errorf("rangestore: MaxObjectSize %d is not between 1 and %d", opts.MaxObjectSize, int64(MaxMaxObjectSize))
 	}
 	dir, err := filepath.Abs(dir)
 	if err != nil {
@@ -303,6 +347,8 @@ func (s *Store) BlockSize() int64 { return s.blockSize }
 // Dir returns the store's absolute directory.
 func (s *Store) Dir() string { return s.dir }
 
+// newEntry makes the entry of an object generation; m.Length must be
+// between 0 and MaxMaxObjectSize.
 func (s *Store) newEntry(key string, gen uint64, m Meta) *entry {
 	n := int((m.Length + s.blockSize - 1) >> s.shift)
 	return &entry{
@@ -311,9 +357,24 @@ func (s *Store) newEntry(key string, gen uint64, m Meta) *entry {
 		meta:    m,
 		nblocks: n,
 		present: make([]atomic.Uint64, (n+63)/64),
-		crc:     make([]uint32, n),
+		crc:     make(checksums, (n+crcChunk-1)/crcChunk),
 	}
 }
+
+// checkLength refuses a new object's length outside [0, MaxObjectSize].
+func (s *Store) checkLength(length int64) error {
+	if length < 0 {
+		return fmt.Errorf("rangestore: negative length %d", length)
+	}
+	if length > s.opts.MaxObjectSize {
+		return fmt.Errorf("%w: length %d exceeds MaxObjectSize %d", ErrTooLarge, length, s.opts.MaxObjectSize)
+	}
+	return nil
+}
+
+// validLength reports whether a length read back from the index or the
+// journal can be given an entry.
+func validLength(length int64) bool { return length >= 0 && length <= MaxMaxObjectSize }
 
 func (s *Store) dataPath(gen uint64) string {
 	return filepath.Join(s.dir, "data", fmt.Sprintf("%02x", gen&0xff), strconv.FormatUint(gen, 16))
@@ -343,10 +404,11 @@ func (s *Store) Get(key string) (*Object, error) {
 // Create opens the object key, creating it with meta if it does not exist.
 // If it exists with another identity (see Meta.SameIdentity), Create returns
 // an error wrapping ErrIdentityMismatch; the caller may Invalidate the key
-// and create it again. The caller must Close the object.
+// and create it again. A length above Options.MaxObjectSize gives an error
+// wrapping ErrTooLarge. The caller must Close the object.
 func (s *Store) Create(key string, meta Meta) (*Object, error) {
-	if meta.Length < 0 {
-		return nil, fmt.Errorf("rangestore: negative length %d", meta.Length)
+	if err := s.checkLength(meta.Length); err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -557,10 +619,10 @@ func (s *Store) unlink(e *entry) {
 // response marked no-store): Get never finds it, it is not journalled, it
 // counts against the disk budget while it lives, and its data file is
 // unlinked when its last handle closes (and removed at Open after a crash).
-// The caller must Close it.
+// Its length is limited like Create's. The caller must Close it.
 func (s *Store) CreateTransient(meta Meta) (*Object, error) {
-	if meta.Length < 0 {
-		return nil, fmt.Errorf("rangestore: negative length %d", meta.Length)
+	if err := s.checkLength(meta.Length); err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
