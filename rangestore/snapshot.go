@@ -312,6 +312,7 @@ func (s *Store) recover() error {
 			}
 			raw = rest
 			replayed = true
+			s.recovery.Records++
 			journalled = s.apply(payload, byGen, journalled)
 		}
 		whole = size - int64(len(raw))
@@ -320,9 +321,14 @@ func (s *Store) recover() error {
 
 	// Verified after the whole replay, against the last checksum recorded.
 	for _, b := range append(unsynced, journalled...) {
-		if b.e.has(b.i) && !b.e.deleted && !s.verify(b.e, b.i) {
+		if !b.e.has(b.i) || b.e.deleted {
+			continue
+		}
+		s.recovery.BlocksChecked++
+		if !s.verify(b.e, b.i) {
 			b.e.clear(b.i)
 			b.e.presentBytes -= s.blockLen(b.e.meta.Length, b.i)
+			s.recovery.BlocksDropped++
 		}
 	}
 	s.removeOrphans()
@@ -346,6 +352,7 @@ func (s *Store) recover() error {
 		return fmt.Errorf("rangestore: %w", err)
 	}
 	s.journal, s.jsize = j, whole
+	s.recovery.TornTail = whole < size
 	if whole < size {
 		// Appends must not follow a torn tail, where the next Open would
 		// stop reading. Cutting it off needs no space, unlike the snapshot

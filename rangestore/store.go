@@ -161,6 +161,8 @@ type Store struct {
 	enc      encoder
 	fbuf     []byte // framing buffer for appendRecord
 
+	recovery RecoveryStats // what Open did; set before Open returns
+
 	kick chan struct{}
 	stop chan struct{}
 	done chan struct{}
@@ -228,6 +230,7 @@ func (e *entry) clear(i int)    { e.present[i>>6].And(^uint64(1 << (i & 63))) }
 // Open opens the store in dir, creating it if needed. Blocks written after
 // the last snapshot are verified against their checksums first.
 func Open(dir string, opts Options) (*Store, error) {
+	start := time.Now()
 	if opts.BlockSize == 0 {
 		opts.BlockSize = DefaultBlockSize
 	}
@@ -276,6 +279,7 @@ func Open(dir string, opts Options) (*Store, error) {
 		lock.Close()
 		return nil, err
 	}
+	clean, known := s.markOpen()
 	if err := s.recover(); err != nil {
 		if s.journal != nil {
 			s.journal.Close()
@@ -283,6 +287,10 @@ func Open(dir string, opts Options) (*Store, error) {
 		lock.Close()
 		return nil, err
 	}
+	r := &s.recovery
+	r.Clean = clean || !known && r.Records == 0 && r.BlocksChecked == 0 && !r.TornTail
+	r.Objects = len(s.objects)
+	r.Duration = time.Since(start)
 	go s.snapshotLoop()
 	return s, nil
 }
@@ -722,6 +730,9 @@ func (s *Store) Close() error {
 		s.closeFile(s.idle.Front().Value.(*entry))
 	}
 	s.mu.Unlock()
+	if err == nil && jerr == nil {
+		s.markClosed()
+	}
 	s.lock.Close()
 	return errors.Join(err, jerr)
 }
