@@ -520,8 +520,9 @@ func TestIndexWithoutUnsyncedListOpens(t *testing.T) {
 	s = openStore(t, dir, Options{})
 	s.snapMu.Lock()
 	s.mu.Lock()
-	body := append([]byte(nil), s.encodeIndex(s.seq, nil)...)
+	s.captureIndex()
 	s.mu.Unlock()
+	body := append([]byte(nil), s.encodeIndex(s.seq, nil)...)
 	s.snapMu.Unlock()
 	s.Close()
 	body = body[:len(body)-1] // the empty list's count

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	mbits "math/bits"
 	"os"
 	"path/filepath"
 	"sort"
@@ -64,21 +65,27 @@ var testHookSnapshot func(step string)
 //
 // With final set, the store is marked closed in the same critical section
 // that captures the index, so nothing can be journalled after it.
+//
+// The critical section only copies what changes (presence bitmaps, access
+// times) and swaps journals, so that every record after the capture goes to
+// the new journal; the index is encoded and compressed after it, from the
+// capture and the entries' immutable fields.
 func (s *Store) snapshot(final bool) error {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 
+	// Only snapshots change s.seq, under snapMu.
+	seq := s.seq + 1
+	next, err := os.OpenFile(s.journalPath(seq), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("rangestore: snapshot: %w", noSpace(err))
+	}
 	s.mu.Lock()
 	locked := time.Now()
 	if s.closed {
 		s.mu.Unlock()
+		next.Close()
 		return ErrClosed
-	}
-	seq := s.seq + 1
-	next, err := os.OpenFile(s.journalPath(seq), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		s.mu.Unlock()
-		return fmt.Errorf("rangestore: snapshot: %w", noSpace(err))
 	}
 	sync := s.unsynced
 	listed := s.recent
@@ -92,7 +99,7 @@ func (s *Store) snapshot(final bool) error {
 			gens[b.e.gen] = struct{}{}
 		}
 	}
-	body := s.encodeIndex(seq, listed)
+	s.captureIndex()
 	s.unsynced, s.recent = listed, nil
 	prev, prevSeq := s.journal, s.seq
 	s.journal, s.seq, s.changes = next, seq, 0
@@ -102,6 +109,8 @@ func (s *Store) snapshot(final bool) error {
 	}
 	s.mu.Unlock()
 	s.snapHold = time.Since(locked)
+	// listed is s.unsynced, which later snapshots replace and never modify.
+	body := s.encodeIndex(seq, listed)
 	hook := testHookSnapshot
 	if hook != nil {
 		hook("journal-swapped")
@@ -160,29 +169,62 @@ func live(refs []blockRef) []blockRef {
 	return out
 }
 
-// encodeIndex returns the uncompressed index body: every object, then the
-// blocks not yet synced. It appends to s.ibuf[:0], so the body is valid
-// until the next call. s.snapMu and s.mu must be held.
+// indexCapture is what a snapshot copies of the index under s.mu: the
+// entries, and what of them may change later. An entry's key, generation,
+// Meta and the checksum of a present block never change.
+type indexCapture struct {
+	nextGen uint64
+	objects []capturedObject
+	words   []uint64 // the objects' presence bitmaps, one after the other
+}
+
+type capturedObject struct {
+	e          *entry
+	lastAccess int64
+}
+
+// captureIndex fills s.capture from the index, reusing its arrays. s.snapMu
+// and s.mu must be held.
+func (s *Store) captureIndex() {
+	c := &s.capture
+	c.nextGen = s.nextGen
+	c.objects, c.words = c.objects[:0], c.words[:0]
+	for _, e := range s.objects {
+		c.objects = append(c.objects, capturedObject{e, e.lastAccess})
+		for w := range e.present {
+			c.words = append(c.words, e.present[w].Load())
+		}
+	}
+}
+
+// encodeIndex returns the uncompressed index body: every object of
+// s.capture, then the blocks not yet synced. It appends to s.ibuf[:0], so
+// the body is valid until the next call. s.snapMu must be held.
 func (s *Store) encodeIndex(seq uint64, unsynced []blockRef) []byte {
-	if want := 64 + len(s.objects)*160; cap(s.ibuf) < want {
+	c := &s.capture
+	if want := 64 + len(c.objects)*160 + len(c.words)*8; cap(s.ibuf) < want {
 		s.ibuf = make([]byte, 0, want)
 	}
 	e := encoder{b: s.ibuf[:0]}
 	e.uint(seq)
 	e.uint(uint64(s.blockSize))
-	e.uint(s.nextGen)
-	e.uint(uint64(len(s.objects)))
-	for _, o := range s.objects {
+	e.uint(c.nextGen)
+	e.uint(uint64(len(c.objects)))
+	words := c.words
+	for _, co := range c.objects {
+		o := co.e
 		e.uint(o.gen)
 		e.string(o.key)
 		e.meta(&o.meta)
-		e.int(o.lastAccess)
-		for w := range o.present {
-			e.b = binary.LittleEndian.AppendUint64(e.b, o.present[w].Load())
+		e.int(co.lastAccess)
+		own := words[:len(o.present)]
+		words = words[len(o.present):]
+		for _, w := range own {
+			e.b = binary.LittleEndian.AppendUint64(e.b, w)
 		}
-		for i := 0; i < o.nblocks; i++ {
-			if o.has(i) {
-				e.u32(o.crc.get(i))
+		for w, bits := range own {
+			for ; bits != 0; bits &= bits - 1 {
+				e.u32(o.crc.get(w*64 + mbits.TrailingZeros64(bits)))
 			}
 		}
 	}
@@ -253,8 +295,13 @@ func (s *Store) readIndex() (uint64, []blockRef, error) {
 				e.present[w].Store(binary.LittleEndian.Uint64(b))
 			}
 		}
-		for j := 0; j < e.nblocks; j++ {
-			if e.has(j) {
+		for w := range e.present {
+			for bits := e.present[w].Load(); bits != 0; bits &= bits - 1 {
+				j := w*64 + mbits.TrailingZeros64(bits)
+				if j >= e.nblocks {
+					d.fail()
+					break
+				}
 				e.crc.set(j, d.u32())
 				e.presentBytes += s.blockLen(m.Length, j)
 			}

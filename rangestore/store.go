@@ -127,11 +127,12 @@ type Store struct {
 	opts      Options
 	lock      *os.File
 
-	// snapMu serialises snapshots and guards ibuf, the index body buffer
-	// they reuse: encoding into a buffer already grown to size keeps the
-	// time s.mu is held short.
-	snapMu sync.Mutex
-	ibuf   []byte
+	// snapMu serialises snapshots and guards what they reuse: the capture
+	// of the index taken under s.mu, and ibuf, the buffer it is encoded
+	// into after s.mu is released.
+	snapMu  sync.Mutex
+	capture indexCapture
+	ibuf    []byte
 	// snapHold is how long the last snapshot held s.mu, for the benchmark
 	// that keeps it short. Guarded by snapMu.
 	snapHold time.Duration
