@@ -39,12 +39,18 @@ func (s *Store) snapshotLoop() {
 		case <-t.C:
 		case <-s.kick:
 		}
-		s.mu.Lock()
-		changed := s.changes > 0
-		s.mu.Unlock()
-		if changed {
-			s.snapshot(false)
-		}
+		s.snapshotIfDue()
+	}
+}
+
+// snapshotIfDue snapshots the index if anything was journalled, or an
+// object's recorded last use grew stale, since the last snapshot.
+func (s *Store) snapshotIfDue() {
+	s.mu.Lock()
+	due := s.changes > 0 || s.accessDirty
+	s.mu.Unlock()
+	if due {
+		s.snapshot(false)
 	}
 }
 
@@ -136,6 +142,7 @@ func (s *Store) snapshot(final bool) error {
 		}
 		s.mu.Lock()
 		s.unsynced = append(s.unsynced, sync...)
+		s.accessDirty = true
 		s.mu.Unlock()
 		return serr
 	}
@@ -148,6 +155,9 @@ func (s *Store) snapshot(final bool) error {
 	}
 	if err != nil {
 		// The previous journal stays; Open replays both.
+		s.mu.Lock()
+		s.accessDirty = true
+		s.mu.Unlock()
 		return err
 	}
 	if hook != nil {
@@ -189,7 +199,9 @@ func (s *Store) captureIndex() {
 	c := &s.capture
 	c.nextGen = s.nextGen
 	c.objects, c.words = c.objects[:0], c.words[:0]
+	s.accessDirty = false
 	for _, e := range s.objects {
+		e.savedAccess = e.lastAccess
 		c.objects = append(c.objects, capturedObject{e, e.lastAccess})
 		for w := range e.present {
 			c.words = append(c.words, e.present[w].Load())
@@ -290,6 +302,7 @@ func (s *Store) readIndex() (uint64, []blockRef, error) {
 		}
 		e := s.newEntry(key, gen, m)
 		e.lastAccess = d.int()
+		e.savedAccess = e.lastAccess
 		for w := range e.present {
 			if b := d.bytes(8); b != nil {
 				e.present[w].Store(binary.LittleEndian.Uint64(b))
@@ -427,7 +440,7 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 		gen := d.uint()
 		key := d.string()
 		m := d.meta()
-		d.int()
+		created := d.int()
 		if d.err != nil || !validLength(m.Length) {
 			return journalled
 		}
@@ -436,12 +449,18 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 			delete(byGen, old.gen)
 		}
 		e := s.newEntry(key, gen, m)
-		e.lastAccess = time.Now().UnixNano()
+		e.lastAccess = created
+		if created == 0 {
+			// A record from before creation times were journalled.
+			e.lastAccess = s.now()
+		}
+		e.savedAccess = e.lastAccess
 		s.objects[key] = e
 		byGen[gen] = e
 		s.nextGen = max(s.nextGen, gen)
 	case recBlock:
 		gen, i, sum := d.uint(), int(d.uint()), d.u32()
+		used := d.optionalInt()
 		e := byGen[gen]
 		if d.err != nil || e == nil || i < 0 || i >= e.nblocks {
 			return journalled
@@ -454,7 +473,12 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 			e.presentBytes += s.blockLen(e.meta.Length, i)
 		}
 		e.hasFile = true
-		e.lastAccess = time.Now().UnixNano()
+		if used == 0 {
+			// A record from before commit times were journalled.
+			used = s.now()
+		}
+		e.lastAccess = max(e.lastAccess, used)
+		e.savedAccess = e.lastAccess
 		journalled = append(journalled, blockRef{e, i})
 	case recDelete:
 		gen := d.uint()

@@ -66,7 +66,10 @@ type Options struct {
 	MaxObjectSize int64
 
 	// SnapshotInterval is how often the index is snapshotted (and the
-	// journal truncated) while anything changed. Default: 1 minute.
+	// journal truncated) while anything changed, including objects read
+	// a minute or more after their last recorded use: the index keeps each
+	// object's last use, so the order of eviction survives a crash to
+	// within about this interval. Default: 1 minute.
 	SnapshotInterval time.Duration
 }
 
@@ -159,8 +162,13 @@ type Store struct {
 	closing  bool // Close has begun; a second Close must not race it
 	closed   bool
 	noEvict  bool // appendRecord must not evict to make room (see remove)
-	enc      encoder
-	fbuf     []byte // framing buffer for appendRecord
+	// accessDirty is set when an object is used accessGrain or more after
+	// the last use the index or journal recorded for it; a snapshot is
+	// then due even when nothing was journalled.
+	accessDirty bool
+	now         func() int64 // the clock, unix nanoseconds; tests replace it
+	enc         encoder
+	fbuf        []byte // framing buffer for appendRecord
 
 	recovery RecoveryStats // what Open did; set before Open returns
 
@@ -186,6 +194,7 @@ type entry struct {
 	transient    bool // from CreateTransient: under no key, gone at last close
 	hasFile      bool
 	lastAccess   int64 // unix nanoseconds
+	savedAccess  int64 // lastAccess as the index or journal last recorded it
 	elem         *list.Element
 
 	// file is a descriptor of the data file shared by readers and block
@@ -272,6 +281,7 @@ func Open(dir string, opts Options) (*Store, error) {
 		opts:      opts,
 		lock:      lock,
 		objects:   make(map[string]*entry),
+		now:       func() int64 { return time.Now().UnixNano() },
 		kick:      make(chan struct{}, 1),
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
@@ -433,12 +443,14 @@ func (s *Store) Create(key string, meta Meta) (*Object, error) {
 	}
 	s.nextGen++
 	e := s.newEntry(key, s.nextGen, cloneMeta(meta))
+	e.lastAccess = s.now()
+	e.savedAccess = e.lastAccess
 	s.enc.b = s.enc.b[:0]
 	s.enc.byte(recCreate)
 	s.enc.uint(e.gen)
 	s.enc.string(key)
 	s.enc.meta(&e.meta)
-	s.enc.int(0)
+	s.enc.int(e.lastAccess)
 	if err := s.appendRecord(); err != nil {
 		return nil, err
 	}
@@ -470,8 +482,17 @@ func (s *Store) ref(e *entry) *Object {
 	return &Object{s: s, e: e}
 }
 
+// accessGrain is how stale the recorded last use of an object may grow
+// before a snapshot is due to record it: coarse, so that hits cost no
+// write, yet fine enough to tell apart objects used minutes apart.
+const accessGrain = int64(time.Minute)
+
+// touch marks e used now. s.mu must be held.
 func (s *Store) touch(e *entry) {
-	e.lastAccess = time.Now().UnixNano()
+	e.lastAccess = s.now()
+	if e.lastAccess-e.savedAccess >= accessGrain {
+		s.accessDirty = true
+	}
 	if e.elem != nil {
 		s.lru.MoveToFront(e.elem)
 	}
