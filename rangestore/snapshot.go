@@ -86,6 +86,13 @@ func (s *Store) snapshot(final bool) error {
 	if err != nil {
 		return fmt.Errorf("rangestore: snapshot: %w", noSpace(err))
 	}
+	// A journal without its reserve for delete records is worse than the
+	// old one, which keeps being used.
+	if err := s.reserveJournal(next, 0); err != nil {
+		next.Close()
+		os.Remove(s.journalPath(seq))
+		return fmt.Errorf("rangestore: snapshot: %w", err)
+	}
 	s.mu.Lock()
 	locked := time.Now()
 	if s.closed {
@@ -109,7 +116,10 @@ func (s *Store) snapshot(final bool) error {
 	s.unsynced, s.recent = listed, nil
 	prev, prevSeq := s.journal, s.seq
 	s.journal, s.seq, s.changes = next, seq, 0
-	s.jsize, s.jtorn = 0, false
+	s.jsize, s.jtorn, s.jalloc = 0, false, 2*deleteReserve
+	if s.noPrealloc {
+		s.jalloc = 0
+	}
 	if final {
 		s.closed = true
 	}
@@ -421,6 +431,8 @@ func (s *Store) recover() error {
 			s.jtorn = true
 		}
 	}
+	// On a full disk the reserve comes with the first eviction.
+	s.reserveJournal(j, whole)
 	if replayed || s.jtorn {
 		// Fold the journal into a snapshot and start an empty one. On a
 		// full disk the journal will do.
@@ -537,10 +549,12 @@ func (s *Store) removeOrphans() {
 	}
 	for gen, e := range live {
 		if e.hasFile && !found[gen] {
-			for i := range e.present {
-				e.present[i].Store(0)
-			}
-			e.presentBytes = 0
+			// Only removing the object takes its data file: its delete
+			// record was lost.
+			e.deleted = true
+			delete(s.objects, e.key)
+			s.recovery.ObjectsDropped++
+			continue
 		}
 		// An object may have a data file without present blocks (its
 		// writes were aborted or lost); remembering it lets eviction

@@ -140,19 +140,21 @@ type Store struct {
 	// that keeps it short. Guarded by snapMu.
 	snapHold time.Duration
 
-	mu        sync.Mutex
-	objects   map[string]*entry
-	lru       list.List // of *entry, most recently used at the front
-	idle      list.List // of *entry nobody holds whose descriptor is open, newest first
-	nextGen   uint64
-	used      int64
-	reserved  int64
-	evictions int64
-	journal   *os.File
-	jsize     int64 // bytes of whole records in journal
-	jtorn     bool  // journal ends in a torn record that could not be cut off
-	seq       uint64
-	changes   int // journal records since the last snapshot
+	mu         sync.Mutex
+	objects    map[string]*entry
+	lru        list.List // of *entry, most recently used at the front
+	idle       list.List // of *entry nobody holds whose descriptor is open, newest first
+	nextGen    uint64
+	used       int64
+	reserved   int64
+	evictions  int64
+	journal    *os.File
+	jsize      int64 // bytes of whole records in journal
+	jtorn      bool  // journal ends in a torn record that could not be cut off
+	jalloc     int64 // bytes of journal allocated (see reserveJournal)
+	noPrealloc bool  // the file system cannot preallocate
+	seq        uint64
+	changes    int // journal records since the last snapshot
 	// Blocks are synced to disk one snapshot late, so a snapshot rarely
 	// waits for writeback (and never for data deleted meanwhile): recent
 	// are the blocks committed since the last snapshot, unsynced those the
@@ -552,14 +554,14 @@ func (s *Store) appendRecord() error {
 		return ErrClosed
 	}
 	s.fbuf = frame(s.fbuf[:0], s.enc.b)
-	err := s.writeJournal(s.fbuf)
+	err := s.writeRecord(s.fbuf)
 	if isNoSpace(err) && !s.noEvict {
 		// Evicting journals delete records through this function, which
 		// reuses s.enc and s.fbuf: keep our record aside.
 		rec := append([]byte(nil), s.fbuf...)
 		freed := s.evictBytes(s.blockSize, nil)
 		if freed > 0 {
-			err = s.writeJournal(rec)
+			err = s.writeRecord(rec)
 		}
 	}
 	if err != nil {
@@ -571,6 +573,49 @@ func (s *Store) appendRecord() error {
 		case s.kick <- struct{}{}:
 		default:
 		}
+	}
+	return nil
+}
+
+// deleteReserve is the journal space kept allocated past its end for
+// delete records (about 3,000 of them), so that removing an object never
+// fails for want of space: a lost delete record would bring the object
+// back after a crash, and an invalidated one still held open would come
+// back with its blocks.
+const deleteReserve = 64 << 10
+
+// writeRecord appends one framed record. Delete records (written with
+// s.noEvict set) may use the journal's reserve; any other record first
+// makes sure the reserve stays whole after it, failing with ErrNoSpace
+// when the file system cannot give that. s.mu must be held.
+func (s *Store) writeRecord(rec []byte) error {
+	if !s.noEvict {
+		if err := s.reserveJournal(s.journal, s.jsize+int64(len(rec))); err != nil {
+			return err
+		}
+	}
+	return s.writeJournal(rec)
+}
+
+// reserveJournal makes sure f, a journal of size bytes, has deleteReserve
+// bytes allocated past its end, allocating twice that when it must so that
+// it rarely has to (fallocate(2), keeping the size). f is s.journal, with
+// s.mu held, or a new journal not yet in use.
+func (s *Store) reserveJournal(f *os.File, size int64) error {
+	if s.noPrealloc || f == s.journal && s.jalloc >= size+deleteReserve {
+		return nil
+	}
+	n := 2 * deleteReserve
+	err := syscall.Fallocate(int(f.Fd()), fallocKeepSize, size, int64(n))
+	switch {
+	case errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS):
+		s.noPrealloc = true // deletes take their chance, as they must
+		return nil
+	case err != nil:
+		return fmt.Errorf("rangestore: journal: %w", noSpace(err))
+	}
+	if f == s.journal {
+		s.jalloc = size + int64(n)
 	}
 	return nil
 }
@@ -589,6 +634,7 @@ func (s *Store) writeJournal(rec []byte) error {
 		return nil
 	}
 	if n > 0 {
+		s.jalloc = 0 // truncating gives the reserve back
 		if terr := s.journal.Truncate(s.jsize); terr != nil {
 			// The journal now ends in a torn record that would hide every
 			// later one; refuse further records until the next snapshot
@@ -625,9 +671,10 @@ func (s *Store) remove(e *entry) {
 	s.enc.b = s.enc.b[:0]
 	s.enc.byte(recDelete)
 	s.enc.uint(e.gen)
-	// A lost delete record is harmless when the data file is gone (the
-	// object comes back empty), so a full disk must not make it evict
-	// others, which would recurse here.
+	// The record goes to the journal's reserve. Should even that be used
+	// up, a full disk must not make it evict others, which would recurse
+	// here; Open forgets an object whose data file is gone, so only an
+	// object held open or without data could come back.
 	noEvict := s.noEvict
 	s.noEvict = true
 	_ = s.appendRecord()
