@@ -394,11 +394,17 @@ func (s *Store) recover() error {
 		if !b.e.has(b.i) || b.e.deleted {
 			continue
 		}
-		s.recovery.BlocksChecked++
-		if !s.verify(b.e, b.i) {
+		ok, read := s.verify(b.e, b.i)
+		if read {
+			s.recovery.BlocksChecked++
+		}
+		if !ok {
+			// Without a data file the whole object goes (removeOrphans).
 			b.e.clear(b.i)
 			b.e.presentBytes -= s.blockLen(b.e.meta.Length, b.i)
-			s.recovery.BlocksDropped++
+			if read {
+				s.recovery.BlocksDropped++
+			}
 		}
 	}
 	s.removeOrphans()
@@ -503,17 +509,18 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 	return journalled
 }
 
-// verify reports whether block i of e reads back with its checksum.
-func (s *Store) verify(e *entry, i int) bool {
+// verify reports whether block i of e reads back with its checksum, and
+// whether e has a data file to read it from.
+func (s *Store) verify(e *entry, i int) (ok, read bool) {
 	f, err := os.Open(s.dataPath(e.gen))
 	if err != nil {
-		return false
+		return false, false
 	}
 	defer f.Close()
 	off := int64(i) << s.shift
 	h := crc32.New(castagnoli)
 	n, err := io.Copy(h, io.NewSectionReader(f, off, s.blockLen(e.meta.Length, i)))
-	return err == nil && n == s.blockLen(e.meta.Length, i) && h.Sum32() == e.crc.get(i)
+	return err == nil && n == s.blockLen(e.meta.Length, i) && h.Sum32() == e.crc.get(i), true
 }
 
 func (s *Store) removeOldJournals(seq uint64) {
