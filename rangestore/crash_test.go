@@ -281,7 +281,7 @@ const crashChildEnv = "RANGESTORE_CRASH_CHILD"
 
 // Child protocol, one line each on stdout:
 //
-//	ok <key> <etag> <block>   after a block's Commit returned
+//	ok <key> <etag> <block> <gen>   after a block's Commit returned
 //	inv <key>                 before invalidating key
 //	snap <step>               at the chosen snapshot step; the child then stops
 const (
@@ -331,6 +331,28 @@ func TestCrashKill9NeverExposesTornBlocks(t *testing.T) {
 // reported.
 func runCrashChild(t *testing.T, dir, step string, interval time.Duration, lines int, seed uint64) {
 	t.Helper()
+	want := killCrashChild(t, dir, step, interval, lines, seed)
+	s, err := Open(dir, Options{BlockSize: testBS})
+	if err != nil {
+		t.Fatalf("reopen after kill: %v", err)
+	}
+	defer s.Close()
+	checkCrashed(t, s, want)
+}
+
+// crashVersion is what a crash child reported committed of one key: its
+// version, generation and blocks.
+type crashVersion struct {
+	etag   string
+	gen    uint64
+	blocks map[int]bool
+}
+
+// killCrashChild starts a child on dir, kills it with SIGKILL after lines
+// commits (or at the snapshot step), and returns what it reported
+// committed.
+func killCrashChild(t *testing.T, dir, step string, interval time.Duration, lines int, seed uint64) map[string]*crashVersion {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashKill9NeverExposesTornBlocks$", "-test.count=1")
 	cmd.Env = append(os.Environ(),
 		crashChildEnv+"="+dir,
@@ -350,19 +372,16 @@ func runCrashChild(t *testing.T, dir, step string, interval time.Duration, lines
 	// want holds, per key, the version and blocks the child reported
 	// committed; a key is forgotten when the child announces invalidating
 	// it, as it may have done so before the kill.
-	type version struct {
-		etag   string
-		blocks map[int]bool
-	}
-	want := make(map[string]*version)
+	want := make(map[string]*crashVersion)
 	apply := func(line string) {
 		f := strings.Fields(line)
 		switch {
-		case len(f) == 4 && f[0] == "ok":
+		case len(f) == 5 && f[0] == "ok":
 			i, _ := strconv.Atoi(f[3])
+			gen, _ := strconv.ParseUint(f[4], 10, 64)
 			v := want[f[1]]
 			if v == nil || v.etag != f[2] {
-				v = &version{etag: f[2], blocks: make(map[int]bool)}
+				v = &crashVersion{etag: f[2], gen: gen, blocks: make(map[int]bool)}
 				want[f[1]] = v
 			}
 			v.blocks[i] = true
@@ -393,12 +412,14 @@ func runCrashChild(t *testing.T, dir, step string, interval time.Duration, lines
 		apply(sc.Text())
 	}
 	cmd.Wait()
+	return want
+}
 
-	s, err := Open(dir, Options{BlockSize: testBS})
-	if err != nil {
-		t.Fatalf("reopen after kill: %v", err)
-	}
-	defer s.Close()
+// checkCrashed checks a store recovered after killing a crash child: every
+// present byte is right, and every block the child reported committed is
+// present.
+func checkCrashed(t *testing.T, s *Store, want map[string]*crashVersion) {
+	t.Helper()
 	checkStore(t, s)
 	for key, v := range want {
 		o, err := s.Get(key)
@@ -481,7 +502,7 @@ func crashChild(dir string) {
 		if err := tryWriteBlock(o, i, piece); err != nil {
 			die(err)
 		}
-		say("ok %s %s %d", key, o.Meta().ETag, i)
+		say("ok %s %s %d %d", key, o.Meta().ETag, i, o.ID())
 		o.Close()
 	}
 }
@@ -499,8 +520,9 @@ func TestIndexWithoutUnsyncedListOpens(t *testing.T) {
 	s = openStore(t, dir, Options{})
 	s.snapMu.Lock()
 	s.mu.Lock()
-	body := append([]byte(nil), s.encodeIndex(s.seq, nil)...)
+	s.captureIndex()
 	s.mu.Unlock()
+	body := append([]byte(nil), s.encodeIndex(s.seq, nil)...)
 	s.snapMu.Unlock()
 	s.Close()
 	body = body[:len(body)-1] // the empty list's count

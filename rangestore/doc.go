@@ -24,6 +24,9 @@
 // reached the disk before a crash. Older blocks are trusted without reading
 // them. After a clean Close the journal is empty, everything is synced, and
 // opening costs one snapshot read.
+// Store.Recovery says what opening did. The index keeps each object's
+// last use, and journal records the time of theirs, so the order of
+// eviction survives a crash to within a SnapshotInterval.
 //
 // The store keeps to a disk budget: MaxSize bytes of present blocks and
 // MinFree bytes free on the file system. Writes that would cross either evict
@@ -31,5 +34,7 @@
 // never evicted; an invalidated object is unlinked when its last holder
 // closes it, so readers never see its bytes change. A full file system gives
 // errors wrapping ErrNoSpace, never a partial block, after evicting
-// least-recently-used objects so that the next attempt can succeed.
+// least-recently-used objects so that the next attempt can succeed. The
+// journal keeps 64 KiB allocated past its end for delete records alone, so
+// an object removed on a full disk stays removed after a crash.
 package rangestore

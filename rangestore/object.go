@@ -386,6 +386,8 @@ func (w *BlockWriter) Commit() error {
 		s.enc.uint(e.gen)
 		s.enc.uint(uint64(w.i))
 		s.enc.u32(w.crc)
+		now := s.now()
+		s.enc.int(now) // the object's last use, for eviction after a crash
 		if err := s.appendRecord(); err != nil {
 			// The block stays missing; give its disk space back, which on
 			// a full disk is what the next attempt needs.
@@ -393,8 +395,10 @@ func (w *BlockWriter) Commit() error {
 			return err
 		}
 		s.recent = append(s.recent, blockRef{e, w.i})
+		e.savedAccess = now
+		s.touch(e)
 	}
-	e.crc[w.i] = w.crc
+	e.crc.set(w.i, w.crc)
 	e.set(w.i)
 	e.presentBytes += w.n
 	s.used += w.n

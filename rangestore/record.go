@@ -82,6 +82,14 @@ func (d *decoder) int() int64 {
 	return v
 }
 
+// optionalInt is int, reading 0 at the end of the input.
+func (d *decoder) optionalInt() int64 {
+	if len(d.b) == 0 {
+		return 0
+	}
+	return d.int()
+}
+
 func (d *decoder) u32() uint32 {
 	if len(d.b) < 4 {
 		d.fail()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	mbits "math/bits"
 	"os"
 	"path/filepath"
 	"sort"
@@ -38,12 +39,18 @@ func (s *Store) snapshotLoop() {
 		case <-t.C:
 		case <-s.kick:
 		}
-		s.mu.Lock()
-		changed := s.changes > 0
-		s.mu.Unlock()
-		if changed {
-			s.snapshot(false)
-		}
+		s.snapshotIfDue()
+	}
+}
+
+// snapshotIfDue snapshots the index if anything was journalled, or an
+// object's recorded last use grew stale, since the last snapshot.
+func (s *Store) snapshotIfDue() {
+	s.mu.Lock()
+	due := s.changes > 0 || s.accessDirty
+	s.mu.Unlock()
+	if due {
+		s.snapshot(false)
 	}
 }
 
@@ -64,20 +71,34 @@ var testHookSnapshot func(step string)
 //
 // With final set, the store is marked closed in the same critical section
 // that captures the index, so nothing can be journalled after it.
+//
+// The critical section only copies what changes (presence bitmaps, access
+// times) and swaps journals, so that every record after the capture goes to
+// the new journal; the index is encoded and compressed after it, from the
+// capture and the entries' immutable fields.
 func (s *Store) snapshot(final bool) error {
 	s.snapMu.Lock()
 	defer s.snapMu.Unlock()
 
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return ErrClosed
-	}
+	// Only snapshots change s.seq, under snapMu.
 	seq := s.seq + 1
 	next, err := os.OpenFile(s.journalPath(seq), os.O_CREATE|os.O_TRUNC|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
-		s.mu.Unlock()
 		return fmt.Errorf("rangestore: snapshot: %w", noSpace(err))
+	}
+	// A journal without its reserve for delete records is worse than the
+	// old one, which keeps being used.
+	if err := s.reserveJournal(next, 0); err != nil {
+		next.Close()
+		os.Remove(s.journalPath(seq))
+		return fmt.Errorf("rangestore: snapshot: %w", err)
+	}
+	s.mu.Lock()
+	locked := time.Now()
+	if s.closed {
+		s.mu.Unlock()
+		next.Close()
+		return ErrClosed
 	}
 	sync := s.unsynced
 	listed := s.recent
@@ -91,15 +112,21 @@ func (s *Store) snapshot(final bool) error {
 			gens[b.e.gen] = struct{}{}
 		}
 	}
-	body := s.encodeIndex(seq, listed)
+	s.captureIndex()
 	s.unsynced, s.recent = listed, nil
 	prev, prevSeq := s.journal, s.seq
 	s.journal, s.seq, s.changes = next, seq, 0
-	s.jsize, s.jtorn = 0, false
+	s.jsize, s.jtorn, s.jalloc = 0, false, 2*deleteReserve
+	if s.noPrealloc {
+		s.jalloc = 0
+	}
 	if final {
 		s.closed = true
 	}
 	s.mu.Unlock()
+	s.snapHold = time.Since(locked)
+	// listed is s.unsynced, which later snapshots replace and never modify.
+	body := s.encodeIndex(seq, listed)
 	hook := testHookSnapshot
 	if hook != nil {
 		hook("journal-swapped")
@@ -125,6 +152,7 @@ func (s *Store) snapshot(final bool) error {
 		}
 		s.mu.Lock()
 		s.unsynced = append(s.unsynced, sync...)
+		s.accessDirty = true
 		s.mu.Unlock()
 		return serr
 	}
@@ -137,6 +165,9 @@ func (s *Store) snapshot(final bool) error {
 	}
 	if err != nil {
 		// The previous journal stays; Open replays both.
+		s.mu.Lock()
+		s.accessDirty = true
+		s.mu.Unlock()
 		return err
 	}
 	if hook != nil {
@@ -158,29 +189,64 @@ func live(refs []blockRef) []blockRef {
 	return out
 }
 
-// encodeIndex returns the uncompressed index body: every object, then the
-// blocks not yet synced. It appends to s.ibuf[:0], so the body is valid
-// until the next call. s.snapMu and s.mu must be held.
+// indexCapture is what a snapshot copies of the index under s.mu: the
+// entries, and what of them may change later. An entry's key, generation,
+// Meta and the checksum of a present block never change.
+type indexCapture struct {
+	nextGen uint64
+	objects []capturedObject
+	words   []uint64 // the objects' presence bitmaps, one after the other
+}
+
+type capturedObject struct {
+	e          *entry
+	lastAccess int64
+}
+
+// captureIndex fills s.capture from the index, reusing its arrays. s.snapMu
+// and s.mu must be held.
+func (s *Store) captureIndex() {
+	c := &s.capture
+	c.nextGen = s.nextGen
+	c.objects, c.words = c.objects[:0], c.words[:0]
+	s.accessDirty = false
+	for _, e := range s.objects {
+		e.savedAccess = e.lastAccess
+		c.objects = append(c.objects, capturedObject{e, e.lastAccess})
+		for w := range e.present {
+			c.words = append(c.words, e.present[w].Load())
+		}
+	}
+}
+
+// encodeIndex returns the uncompressed index body: every object of
+// s.capture, then the blocks not yet synced. It appends to s.ibuf[:0], so
+// the body is valid until the next call. s.snapMu must be held.
 func (s *Store) encodeIndex(seq uint64, unsynced []blockRef) []byte {
-	if want := 64 + len(s.objects)*160; cap(s.ibuf) < want {
+	c := &s.capture
+	if want := 64 + len(c.objects)*160 + len(c.words)*8; cap(s.ibuf) < want {
 		s.ibuf = make([]byte, 0, want)
 	}
 	e := encoder{b: s.ibuf[:0]}
 	e.uint(seq)
 	e.uint(uint64(s.blockSize))
-	e.uint(s.nextGen)
-	e.uint(uint64(len(s.objects)))
-	for _, o := range s.objects {
+	e.uint(c.nextGen)
+	e.uint(uint64(len(c.objects)))
+	words := c.words
+	for _, co := range c.objects {
+		o := co.e
 		e.uint(o.gen)
 		e.string(o.key)
 		e.meta(&o.meta)
-		e.int(o.lastAccess)
-		for w := range o.present {
-			e.b = binary.LittleEndian.AppendUint64(e.b, o.present[w].Load())
+		e.int(co.lastAccess)
+		own := words[:len(o.present)]
+		words = words[len(o.present):]
+		for _, w := range own {
+			e.b = binary.LittleEndian.AppendUint64(e.b, w)
 		}
-		for i := 0; i < o.nblocks; i++ {
-			if o.has(i) {
-				e.u32(o.crc[i])
+		for w, bits := range own {
+			for ; bits != 0; bits &= bits - 1 {
+				e.u32(o.crc.get(w*64 + mbits.TrailingZeros64(bits)))
 			}
 		}
 	}
@@ -238,7 +304,7 @@ func (s *Store) readIndex() (uint64, []blockRef, error) {
 		gen := d.uint()
 		key := d.string()
 		m := d.meta()
-		if m.Length < 0 {
+		if !validLength(m.Length) {
 			d.fail()
 		}
 		if d.err != nil {
@@ -246,14 +312,20 @@ func (s *Store) readIndex() (uint64, []blockRef, error) {
 		}
 		e := s.newEntry(key, gen, m)
 		e.lastAccess = d.int()
+		e.savedAccess = e.lastAccess
 		for w := range e.present {
 			if b := d.bytes(8); b != nil {
 				e.present[w].Store(binary.LittleEndian.Uint64(b))
 			}
 		}
-		for j := 0; j < e.nblocks; j++ {
-			if e.has(j) {
-				e.crc[j] = d.u32()
+		for w := range e.present {
+			for bits := e.present[w].Load(); bits != 0; bits &= bits - 1 {
+				j := w*64 + mbits.TrailingZeros64(bits)
+				if j >= e.nblocks {
+					d.fail()
+					break
+				}
+				e.crc.set(j, d.u32())
 				e.presentBytes += s.blockLen(m.Length, j)
 			}
 		}
@@ -310,6 +382,7 @@ func (s *Store) recover() error {
 			}
 			raw = rest
 			replayed = true
+			s.recovery.Records++
 			journalled = s.apply(payload, byGen, journalled)
 		}
 		whole = size - int64(len(raw))
@@ -318,9 +391,20 @@ func (s *Store) recover() error {
 
 	// Verified after the whole replay, against the last checksum recorded.
 	for _, b := range append(unsynced, journalled...) {
-		if b.e.has(b.i) && !b.e.deleted && !s.verify(b.e, b.i) {
+		if !b.e.has(b.i) || b.e.deleted {
+			continue
+		}
+		ok, read := s.verify(b.e, b.i)
+		if read {
+			s.recovery.BlocksChecked++
+		}
+		if !ok {
+			// Without a data file the whole object goes (removeOrphans).
 			b.e.clear(b.i)
 			b.e.presentBytes -= s.blockLen(b.e.meta.Length, b.i)
+			if read {
+				s.recovery.BlocksDropped++
+			}
 		}
 	}
 	s.removeOrphans()
@@ -344,6 +428,7 @@ func (s *Store) recover() error {
 		return fmt.Errorf("rangestore: %w", err)
 	}
 	s.journal, s.jsize = j, whole
+	s.recovery.TornTail = whole < size
 	if whole < size {
 		// Appends must not follow a torn tail, where the next Open would
 		// stop reading. Cutting it off needs no space, unlike the snapshot
@@ -352,6 +437,8 @@ func (s *Store) recover() error {
 			s.jtorn = true
 		}
 	}
+	// On a full disk the reserve comes with the first eviction.
+	s.reserveJournal(j, whole)
 	if replayed || s.jtorn {
 		// Fold the journal into a snapshot and start an empty one. On a
 		// full disk the journal will do.
@@ -371,8 +458,8 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 		gen := d.uint()
 		key := d.string()
 		m := d.meta()
-		d.int()
-		if d.err != nil || m.Length < 0 {
+		created := d.int()
+		if d.err != nil || !validLength(m.Length) {
 			return journalled
 		}
 		if old := s.objects[key]; old != nil {
@@ -380,25 +467,36 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 			delete(byGen, old.gen)
 		}
 		e := s.newEntry(key, gen, m)
-		e.lastAccess = time.Now().UnixNano()
+		e.lastAccess = created
+		if created == 0 {
+			// A record from before creation times were journalled.
+			e.lastAccess = s.now()
+		}
+		e.savedAccess = e.lastAccess
 		s.objects[key] = e
 		byGen[gen] = e
 		s.nextGen = max(s.nextGen, gen)
 	case recBlock:
 		gen, i, sum := d.uint(), int(d.uint()), d.u32()
+		used := d.optionalInt()
 		e := byGen[gen]
 		if d.err != nil || e == nil || i < 0 || i >= e.nblocks {
 			return journalled
 		}
 		// A block is committed twice only when recovery dropped it and
 		// could not snapshot that; the later record has its bytes.
-		e.crc[i] = sum
+		e.crc.set(i, sum)
 		if !e.has(i) {
 			e.set(i)
 			e.presentBytes += s.blockLen(e.meta.Length, i)
 		}
 		e.hasFile = true
-		e.lastAccess = time.Now().UnixNano()
+		if used == 0 {
+			// A record from before commit times were journalled.
+			used = s.now()
+		}
+		e.lastAccess = max(e.lastAccess, used)
+		e.savedAccess = e.lastAccess
 		journalled = append(journalled, blockRef{e, i})
 	case recDelete:
 		gen := d.uint()
@@ -411,17 +509,18 @@ func (s *Store) apply(payload []byte, byGen map[uint64]*entry, journalled []bloc
 	return journalled
 }
 
-// verify reports whether block i of e reads back with its checksum.
-func (s *Store) verify(e *entry, i int) bool {
+// verify reports whether block i of e reads back with its checksum, and
+// whether e has a data file to read it from.
+func (s *Store) verify(e *entry, i int) (ok, read bool) {
 	f, err := os.Open(s.dataPath(e.gen))
 	if err != nil {
-		return false
+		return false, false
 	}
 	defer f.Close()
 	off := int64(i) << s.shift
 	h := crc32.New(castagnoli)
 	n, err := io.Copy(h, io.NewSectionReader(f, off, s.blockLen(e.meta.Length, i)))
-	return err == nil && n == s.blockLen(e.meta.Length, i) && h.Sum32() == e.crc[i]
+	return err == nil && n == s.blockLen(e.meta.Length, i) && h.Sum32() == e.crc.get(i), true
 }
 
 func (s *Store) removeOldJournals(seq uint64) {
@@ -457,10 +556,12 @@ func (s *Store) removeOrphans() {
 	}
 	for gen, e := range live {
 		if e.hasFile && !found[gen] {
-			for i := range e.present {
-				e.present[i].Store(0)
-			}
-			e.presentBytes = 0
+			// Only removing the object takes its data file: its delete
+			// record was lost.
+			e.deleted = true
+			delete(s.objects, e.key)
+			s.recovery.ObjectsDropped++
+			continue
 		}
 		// An object may have a data file without present blocks (its
 		// writes were aborted or lost); remembering it lets eviction

@@ -35,6 +35,16 @@ var (
 	ErrGone             = errors.New("rangestore: object was invalidated")
 	ErrShortBlock       = errors.New("rangestore: block not completely written")
 	ErrClosed           = errors.New("rangestore: store closed")
+	ErrTooLarge         = errors.New("rangestore: object larger than the store's limit")
+)
+
+// Object size limits. An object's presence bitmap takes Length/BlockSize/8
+// bytes of memory from its creation (its checksums take memory only as its
+// blocks arrive), so the limit bounds what one Create can allocate: at the
+// default limit and the smallest block size, 2 MiB.
+const (
+	DefaultMaxObjectSize = 1 << 40 // 1 TiB
+	MaxMaxObjectSize     = 1 << 50 // 1 PiB, so block counts and offsets never overflow
 )
 
 // Options configure a Store. The zero value is usable.
@@ -49,8 +59,17 @@ type Options struct {
 	// MinFree is the free space to keep on the file system. Zero means none.
 	MinFree int64
 
+	// MaxObjectSize is the largest object Length that Create and
+	// CreateTransient accept; larger ones fail with ErrTooLarge. Objects
+	// stored under a larger limit before stay. At most MaxMaxObjectSize.
+	// Default: DefaultMaxObjectSize (1 TiB).
+	MaxObjectSize int64
+
 	// SnapshotInterval is how often the index is snapshotted (and the
-	// journal truncated) while anything changed. Default: 1 minute.
+	// journal truncated) while anything changed, including objects read
+	// a minute or more after their last recorded use: the index keeps each
+	// object's last use, so the order of eviction survives a crash to
+	// within about this interval. Default: 1 minute.
 	SnapshotInterval time.Duration
 }
 
@@ -111,25 +130,31 @@ type Store struct {
 	opts      Options
 	lock      *os.File
 
-	// snapMu serialises snapshots and guards ibuf, the index body buffer
-	// they reuse: encoding into a buffer already grown to size keeps the
-	// time s.mu is held short.
-	snapMu sync.Mutex
-	ibuf   []byte
+	// snapMu serialises snapshots and guards what they reuse: the capture
+	// of the index taken under s.mu, and ibuf, the buffer it is encoded
+	// into after s.mu is released.
+	snapMu  sync.Mutex
+	capture indexCapture
+	ibuf    []byte
+	// snapHold is how long the last snapshot held s.mu, for the benchmark
+	// that keeps it short. Guarded by snapMu.
+	snapHold time.Duration
 
-	mu        sync.Mutex
-	objects   map[string]*entry
-	lru       list.List // of *entry, most recently used at the front
-	idle      list.List // of *entry nobody holds whose descriptor is open, newest first
-	nextGen   uint64
-	used      int64
-	reserved  int64
-	evictions int64
-	journal   *os.File
-	jsize     int64 // bytes of whole records in journal
-	jtorn     bool  // journal ends in a torn record that could not be cut off
-	seq       uint64
-	changes   int // journal records since the last snapshot
+	mu         sync.Mutex
+	objects    map[string]*entry
+	lru        list.List // of *entry, most recently used at the front
+	idle       list.List // of *entry nobody holds whose descriptor is open, newest first
+	nextGen    uint64
+	used       int64
+	reserved   int64
+	evictions  int64
+	journal    *os.File
+	jsize      int64 // bytes of whole records in journal
+	jtorn      bool  // journal ends in a torn record that could not be cut off
+	jalloc     int64 // bytes of journal allocated (see reserveJournal)
+	noPrealloc bool  // the file system cannot preallocate
+	seq        uint64
+	changes    int // journal records since the last snapshot
 	// Blocks are synced to disk one snapshot late, so a snapshot rarely
 	// waits for writeback (and never for data deleted meanwhile): recent
 	// are the blocks committed since the last snapshot, unsynced those the
@@ -139,8 +164,15 @@ type Store struct {
 	closing  bool // Close has begun; a second Close must not race it
 	closed   bool
 	noEvict  bool // appendRecord must not evict to make room (see remove)
-	enc      encoder
-	fbuf     []byte // framing buffer for appendRecord
+	// accessDirty is set when an object is used accessGrain or more after
+	// the last use the index or journal recorded for it; a snapshot is
+	// then due even when nothing was journalled.
+	accessDirty bool
+	now         func() int64 // the clock, unix nanoseconds; tests replace it
+	enc         encoder
+	fbuf        []byte // framing buffer for appendRecord
+
+	recovery RecoveryStats // what Open did; set before Open returns
 
 	kick chan struct{}
 	stop chan struct{}
@@ -156,7 +188,7 @@ type entry struct {
 	present []atomic.Uint64 // bitmap, read without locks
 
 	// Guarded by Store.mu.
-	crc          []uint32
+	crc          checksums
 	writing      map[int]struct{}
 	presentBytes int64
 	refs         int
@@ -164,6 +196,7 @@ type entry struct {
 	transient    bool // from CreateTransient: under no key, gone at last close
 	hasFile      bool
 	lastAccess   int64 // unix nanoseconds
+	savedAccess  int64 // lastAccess as the index or journal last recorded it
 	elem         *list.Element
 
 	// file is a descriptor of the data file shared by readers and block
@@ -180,6 +213,28 @@ type blockRef struct {
 	i int
 }
 
+// checksums holds the CRC-32C of each present block, in chunks allocated
+// when a block of theirs is first committed: an object claiming a huge
+// length costs nothing for blocks it never gets.
+type checksums []*[crcChunk]uint32
+
+const crcChunk = 1024
+
+func (c checksums) get(i int) uint32 {
+	if p := c[i/crcChunk]; p != nil {
+		return p[i%crcChunk]
+	}
+	return 0
+}
+
+func (c checksums) set(i int, sum uint32) {
+	p := &c[i/crcChunk]
+	if *p == nil {
+		*p = new([crcChunk]uint32)
+	}
+	(*p)[i%crcChunk] = sum
+}
+
 func (e *entry) has(i int) bool { return e.present[i>>6].Load()&(1<<(i&63)) != 0 }
 func (e *entry) set(i int)      { e.present[i>>6].Or(1 << (i & 63)) }
 func (e *entry) clear(i int)    { e.present[i>>6].And(^uint64(1 << (i & 63))) }
@@ -187,6 +242,7 @@ func (e *entry) clear(i int)    { e.present[i>>6].And(^uint64(1 << (i & 63))) }
 // Open opens the store in dir, creating it if needed. Blocks written after
 // the last snapshot are verified against their checksums first.
 func Open(dir string, opts Options) (*Store, error) {
+	start := time.Now()
 	if opts.BlockSize == 0 {
 		opts.BlockSize = DefaultBlockSize
 	}
@@ -198,6 +254,12 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	if opts.SnapshotInterval <= 0 {
 		opts.SnapshotInterval = time.Minute
+	}
+	if opts.MaxObjectSize == 0 {
+		opts.MaxObjectSize = DefaultMaxObjectSize
+	}
+	if opts.MaxObjectSize < 0 || opts.MaxObjectSize > MaxMaxObjectSize {
+		return nil, fmt.Errorf("rangestore: MaxObjectSize %d is not between 1 and %d", opts.MaxObjectSize, int64(MaxMaxObjectSize))
 	}
 	dir, err := filepath.Abs(dir)
 	if err != nil {
@@ -221,6 +283,7 @@ func Open(dir string, opts Options) (*Store, error) {
 		opts:      opts,
 		lock:      lock,
 		objects:   make(map[string]*entry),
+		now:       func() int64 { return time.Now().UnixNano() },
 		kick:      make(chan struct{}, 1),
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
@@ -229,6 +292,7 @@ func Open(dir string, opts Options) (*Store, error) {
 		lock.Close()
 		return nil, err
 	}
+	clean, known := s.markOpen()
 	if err := s.recover(); err != nil {
 		if s.journal != nil {
 			s.journal.Close()
@@ -236,6 +300,10 @@ func Open(dir string, opts Options) (*Store, error) {
 		lock.Close()
 		return nil, err
 	}
+	r := &s.recovery
+	r.Clean = clean || !known && r.Records == 0 && r.BlocksChecked == 0 && !r.TornTail
+	r.Objects = len(s.objects)
+	r.Duration = time.Since(start)
 	go s.snapshotLoop()
 	return s, nil
 }
@@ -300,6 +368,8 @@ func (s *Store) BlockSize() int64 { return s.blockSize }
 // Dir returns the store's absolute directory.
 func (s *Store) Dir() string { return s.dir }
 
+// newEntry makes the entry of an object generation; m.Length must be
+// between 0 and MaxMaxObjectSize.
 func (s *Store) newEntry(key string, gen uint64, m Meta) *entry {
 	n := int((m.Length + s.blockSize - 1) >> s.shift)
 	return &entry{
@@ -308,9 +378,24 @@ func (s *Store) newEntry(key string, gen uint64, m Meta) *entry {
 		meta:    m,
 		nblocks: n,
 		present: make([]atomic.Uint64, (n+63)/64),
-		crc:     make([]uint32, n),
+		crc:     make(checksums, (n+crcChunk-1)/crcChunk),
 	}
 }
+
+// checkLength refuses a new object's length outside [0, MaxObjectSize].
+func (s *Store) checkLength(length int64) error {
+	if length < 0 {
+		return fmt.Errorf("rangestore: negative length %d", length)
+	}
+	if length > s.opts.MaxObjectSize {
+		return fmt.Errorf("%w: length %d exceeds MaxObjectSize %d", ErrTooLarge, length, s.opts.MaxObjectSize)
+	}
+	return nil
+}
+
+// validLength reports whether a length read back from the index or the
+// journal can be given an entry.
+func validLength(length int64) bool { return length >= 0 && length <= MaxMaxObjectSize }
 
 func (s *Store) dataPath(gen uint64) string {
 	return filepath.Join(s.dir, "data", fmt.Sprintf("%02x", gen&0xff), strconv.FormatUint(gen, 16))
@@ -340,10 +425,11 @@ func (s *Store) Get(key string) (*Object, error) {
 // Create opens the object key, creating it with meta if it does not exist.
 // If it exists with another identity (see Meta.SameIdentity), Create returns
 // an error wrapping ErrIdentityMismatch; the caller may Invalidate the key
-// and create it again. The caller must Close the object.
+// and create it again. A length above Options.MaxObjectSize gives an error
+// wrapping ErrTooLarge. The caller must Close the object.
 func (s *Store) Create(key string, meta Meta) (*Object, error) {
-	if meta.Length < 0 {
-		return nil, fmt.Errorf("rangestore: negative length %d", meta.Length)
+	if err := s.checkLength(meta.Length); err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -359,12 +445,14 @@ func (s *Store) Create(key string, meta Meta) (*Object, error) {
 	}
 	s.nextGen++
 	e := s.newEntry(key, s.nextGen, cloneMeta(meta))
+	e.lastAccess = s.now()
+	e.savedAccess = e.lastAccess
 	s.enc.b = s.enc.b[:0]
 	s.enc.byte(recCreate)
 	s.enc.uint(e.gen)
 	s.enc.string(key)
 	s.enc.meta(&e.meta)
-	s.enc.int(0)
+	s.enc.int(e.lastAccess)
 	if err := s.appendRecord(); err != nil {
 		return nil, err
 	}
@@ -396,8 +484,17 @@ func (s *Store) ref(e *entry) *Object {
 	return &Object{s: s, e: e}
 }
 
+// accessGrain is how stale the recorded last use of an object may grow
+// before a snapshot is due to record it: coarse, so that hits cost no
+// write, yet fine enough to tell apart objects used minutes apart.
+const accessGrain = int64(time.Minute)
+
+// touch marks e used now. s.mu must be held.
 func (s *Store) touch(e *entry) {
-	e.lastAccess = time.Now().UnixNano()
+	e.lastAccess = s.now()
+	if e.lastAccess-e.savedAccess >= accessGrain {
+		s.accessDirty = true
+	}
 	if e.elem != nil {
 		s.lru.MoveToFront(e.elem)
 	}
@@ -457,14 +554,14 @@ func (s *Store) appendRecord() error {
 		return ErrClosed
 	}
 	s.fbuf = frame(s.fbuf[:0], s.enc.b)
-	err := s.writeJournal(s.fbuf)
+	err := s.writeRecord(s.fbuf)
 	if isNoSpace(err) && !s.noEvict {
 		// Evicting journals delete records through this function, which
 		// reuses s.enc and s.fbuf: keep our record aside.
 		rec := append([]byte(nil), s.fbuf...)
 		freed := s.evictBytes(s.blockSize, nil)
 		if freed > 0 {
-			err = s.writeJournal(rec)
+			err = s.writeRecord(rec)
 		}
 	}
 	if err != nil {
@@ -476,6 +573,49 @@ func (s *Store) appendRecord() error {
 		case s.kick <- struct{}{}:
 		default:
 		}
+	}
+	return nil
+}
+
+// deleteReserve is the journal space kept allocated past its end for
+// delete records (about 3,000 of them), so that removing an object never
+// fails for want of space: a lost delete record would bring the object
+// back after a crash, and an invalidated one still held open would come
+// back with its blocks.
+const deleteReserve = 64 << 10
+
+// writeRecord appends one framed record. Delete records (written with
+// s.noEvict set) may use the journal's reserve; any other record first
+// makes sure the reserve stays whole after it, failing with ErrNoSpace
+// when the file system cannot give that. s.mu must be held.
+func (s *Store) writeRecord(rec []byte) error {
+	if !s.noEvict {
+		if err := s.reserveJournal(s.journal, s.jsize+int64(len(rec))); err != nil {
+			return err
+		}
+	}
+	return s.writeJournal(rec)
+}
+
+// reserveJournal makes sure f, a journal of size bytes, has deleteReserve
+// bytes allocated past its end, allocating twice that when it must so that
+// it rarely has to (fallocate(2), keeping the size). f is s.journal, with
+// s.mu held, or a new journal not yet in use.
+func (s *Store) reserveJournal(f *os.File, size int64) error {
+	if s.noPrealloc || f == s.journal && s.jalloc >= size+deleteReserve {
+		return nil
+	}
+	n := 2 * deleteReserve
+	err := syscall.Fallocate(int(f.Fd()), fallocKeepSize, size, int64(n))
+	switch {
+	case errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS):
+		s.noPrealloc = true // deletes take their chance, as they must
+		return nil
+	case err != nil:
+		return fmt.Errorf("rangestore: journal: %w", noSpace(err))
+	}
+	if f == s.journal {
+		s.jalloc = size + int64(n)
 	}
 	return nil
 }
@@ -494,6 +634,7 @@ func (s *Store) writeJournal(rec []byte) error {
 		return nil
 	}
 	if n > 0 {
+		s.jalloc = 0 // truncating gives the reserve back
 		if terr := s.journal.Truncate(s.jsize); terr != nil {
 			// The journal now ends in a torn record that would hide every
 			// later one; refuse further records until the next snapshot
@@ -530,9 +671,10 @@ func (s *Store) remove(e *entry) {
 	s.enc.b = s.enc.b[:0]
 	s.enc.byte(recDelete)
 	s.enc.uint(e.gen)
-	// A lost delete record is harmless when the data file is gone (the
-	// object comes back empty), so a full disk must not make it evict
-	// others, which would recurse here.
+	// The record goes to the journal's reserve. Should even that be used
+	// up, a full disk must not make it evict others, which would recurse
+	// here; Open forgets an object whose data file is gone, so only an
+	// object held open or without data could come back.
 	noEvict := s.noEvict
 	s.noEvict = true
 	_ = s.appendRecord()
@@ -554,10 +696,10 @@ func (s *Store) unlink(e *entry) {
 // response marked no-store): Get never finds it, it is not journalled, it
 // counts against the disk budget while it lives, and its data file is
 // unlinked when its last handle closes (and removed at Open after a crash).
-// The caller must Close it.
+// Its length is limited like Create's. The caller must Close it.
 func (s *Store) CreateTransient(meta Meta) (*Object, error) {
-	if meta.Length < 0 {
-		return nil, fmt.Errorf("rangestore: negative length %d", meta.Length)
+	if err := s.checkLength(meta.Length); err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -657,6 +799,9 @@ func (s *Store) Close() error {
 		s.closeFile(s.idle.Front().Value.(*entry))
 	}
 	s.mu.Unlock()
+	if err == nil && jerr == nil {
+		s.markClosed()
+	}
 	s.lock.Close()
 	return errors.Join(err, jerr)
 }
