@@ -234,9 +234,11 @@ func allowedHost(host string, allowed []originPattern) bool {
 
 // splitOriginParam removes every cacheHostOrigin parameter from a raw query,
 // keeping the other parameters byte for byte and in order, and returns their
-// decoded values.
+// decoded values. A name is compared decoded, as every server reads it:
+// "cacheHost%4Frigin" left in the query would name an origin to a parent
+// gateway.
 func splitOriginParam(rawQuery string) (rest string, origins []string, err error) {
-	if !strings.Contains(rawQuery, originParam) {
+	if !strings.Contains(rawQuery, originParam) && !strings.Contains(rawQuery, "%") {
 		return rawQuery, nil, nil
 	}
 	var kept []string

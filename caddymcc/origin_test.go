@@ -54,6 +54,8 @@ func TestClassifyNormalisesKeyAndUpstreamURITogether(t *testing.T) {
 		{"http://origin.test", "origin.test", "/"},
 		{"http://origin.test?x=1", "origin.test", "/?x=1"},
 		{"http://origin.test/a/./b", "origin.test", "/a/b"},
+		// The parameter's name is read decoded, as a parent gateway reads it.
+		{"/a?cacheHost%4Frigin=origin.test&x=1", "gw", "/a?x=1"},
 	}
 	for _, c := range cases {
 		r := httptest.NewRequest(http.MethodGet, c.target, nil)
