@@ -1,6 +1,7 @@
 package caddymcc
 
 import (
+	"math"
 	"net/http"
 	"path"
 	"strconv"
@@ -69,7 +70,8 @@ func metaInt(m rangestore.Meta, k string) int64 {
 }
 
 // freshnessLifetime returns how long after validation m stays fresh
-// (RFC 9111 section 4.2.1); expires is false for objects that never go
+// (RFC 9111 section 4.2.1), less the Age it arrived with: negative when it
+// was already stale on arrival. expires is false for objects that never go
 // stale.
 func (h *Handler) freshnessLifetime(m rangestore.Meta, uri string) (ttl time.Duration, expires bool) {
 	cc := strings.ToLower(strings.Join(m.Header["Cache-Control"], ","))
@@ -80,12 +82,12 @@ func (h *Handler) freshnessLifetime(m rangestore.Meta, uri string) (ttl time.Dur
 		case "no-cache", "no-store", "private":
 			return 0, true
 		case "max-age":
-			maxAge, _ = strconv.ParseInt(strings.Trim(val, `"`), 10, 64)
+			maxAge = directiveSeconds(val)
 		case "s-maxage":
-			sMaxAge, _ = strconv.ParseInt(strings.Trim(val, `"`), 10, 64)
+			sMaxAge = directiveSeconds(val)
 		}
 	}
-	age := time.Duration(metaInt(m, metaAge)) * time.Second
+	age := time.Duration(deltaSecondsOr0(metaValue(m, metaAge))) * time.Second
 	switch {
 	case sMaxAge >= 0:
 		return time.Duration(sMaxAge)*time.Second - age, true
@@ -103,7 +105,9 @@ func (h *Handler) freshnessLifetime(m rangestore.Meta, uri string) (ttl time.Dur
 				date = t
 			}
 		}
-		return e.Sub(date) - age, true
+		// Within ±2^31 s, so that subtracting the Age cannot overflow.
+		lifetime := min(max(e.Sub(date), -maxDelta*time.Second), maxDelta*time.Second)
+		return lifetime - age, true
 	}
 	p, _, _ := strings.Cut(uri, "?")
 	switch {
@@ -113,6 +117,55 @@ func (h *Handler) freshnessLifetime(m rangestore.Meta, uri string) (ttl time.Dur
 		return h.indexTTL, true
 	}
 	return 0, false
+}
+
+// maxDelta is the greatest delta-seconds value this cache represents:
+// larger values count as 2^31 seconds (RFC 9111 section 1.2.2), so a huge
+// max-age cannot overflow a time.Duration into "always stale".
+const maxDelta = 1 << 31
+
+// parseDeltaSeconds parses a delta-seconds value (1*DIGIT, RFC 9111 section
+// 1.2.2), capped at maxDelta; ok is false for anything else, a sign
+// included.
+func parseDeltaSeconds(s string) (n int64, ok bool) {
+	if s == "" {
+		return 0, false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		if n < maxDelta {
+			n = n*10 + int64(c-'0')
+		}
+	}
+	return min(n, maxDelta), true
+}
+
+// directiveSeconds is the value of a max-age or s-maxage directive; an
+// invalid one (a sign, a fraction, none at all) counts as 0, stale, as RFC
+// 9111 section 4.2.1 encourages.
+func directiveSeconds(val string) int64 {
+	v := val
+	if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+		v = v[1 : len(v)-1] // the quoted-string form (RFC 9111 section 5.2)
+	}
+	n, ok := parseDeltaSeconds(v)
+	if !ok {
+		return 0
+	}
+	return n
+}
+
+// deltaSecondsOr0 is an Age value: an invalid or absent one counts as 0
+// (RFC 9111 section 5.1 makes Age a delta-seconds).
+func deltaSecondsOr0(s string, present bool) int64 {
+	n, ok := parseDeltaSeconds(s)
+	if !present || !ok {
+		return 0
+	}
+	return n
 }
 
 // aptIndex reports whether p is a repository index that changes in place.
@@ -162,11 +215,19 @@ func uncacheable(m rangestore.Meta) bool {
 }
 
 // validations records when each object version was last confirmed
-// current upstream.
+// current upstream. It keeps at most one version per cache key (the last
+// validated) and, once it has grown to pruneValidations entries and to
+// twice its size after the last pruning, drops the keys no longer stored:
+// without that, every version ever revalidated would stay in it.
 type validations struct {
-	mu sync.Mutex
-	m  map[uint64]time.Time
+	mu   sync.Mutex
+	m    map[uint64]time.Time // by object version (rangestore.Object.ID)
+	ids  map[string]uint64    // cache key -> its version in m
+	next int                  // prune when m has this many entries
 }
+
+// pruneValidations is the least size at which validations is pruned.
+const pruneValidations = 4096
 
 // expiry returns when obj goes stale, and false when it never does.
 func (rq *request) expiry(obj *rangestore.Object) (time.Time, bool) {
@@ -187,8 +248,46 @@ func (rq *request) expiry(obj *rangestore.Object) (time.Time, bool) {
 
 // markValidated records that obj was confirmed current upstream now.
 func (c *cache) markValidated(obj *rangestore.Object) {
+	key, id := obj.Key(), obj.ID()
+	if key == "" {
+		return // transient (no-store): never looked up again
+	}
 	v := &c.validated
 	v.mu.Lock()
-	v.m[obj.ID()] = c.now()
+	if v.ids == nil {
+		v.ids = make(map[string]uint64)
+	}
+	if old, ok := v.ids[key]; ok && old != id {
+		delete(v.m, old) // superseded by this version
+	}
+	v.ids[key] = id
+	v.m[id] = c.now()
+	prune := len(v.m) >= max(v.next, pruneValidations)
+	if prune {
+		v.next = math.MaxInt // one pruning at a time
+	}
 	v.mu.Unlock()
+	if prune {
+		v.prune(c.store)
+	}
+}
+
+// prune drops the validations of keys no longer stored. Listing the store
+// happens outside the lock, so requests are not held up by it; a key
+// stored meanwhile may lose its entry, which only makes its object stale
+// earlier (counted from when it was stored), never fresh longer.
+func (v *validations) prune(s *rangestore.Store) {
+	stored := make(map[string]struct{})
+	for _, o := range s.List() {
+		stored[o.Key] = struct{}{}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for key, id := range v.ids {
+		if _, ok := stored[key]; !ok {
+			delete(v.ids, key)
+			delete(v.m, id)
+		}
+	}
+	v.next = 2 * len(v.m)
 }

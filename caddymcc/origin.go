@@ -77,8 +77,8 @@ func checkHostName(h string) error {
 // for, and under which key it is cached.
 type target struct {
 	origin string // lower-case origin host
-	uri    string // path and query to ask the origin for, without cacheHostOrigin
-	key    string // cache key: origin host + uri
+	uri    string // normalised path and query to ask the origin for, without cacheHostOrigin
+	key    string // cache key: origin host (or its canonical host) + uri
 }
 
 // errNotAllowed is a request whose origin the cache does not serve; it is
@@ -120,22 +120,82 @@ func classify(r *http.Request, allowed []originPattern) (target, error) {
 	default:
 		return target{}, errNotAllowed{"more than one cacheHostOrigin"}
 	}
-	uri := r.URL.EscapedPath()
-	if uri == "" || uri[0] != '/' {
+	if r.URL.Opaque != "" {
 		return target{}, errNotAllowed{"path must start with /"}
 	}
-	key := host + removeDotSegments(uri)
+	p := r.URL.EscapedPath()
+	if p == "" {
+		// An absolute-form request with no path ("GET http://host
+		// HTTP/1.1") asks for "/" (RFC 9110 section 4.2.3).
+		p = "/"
+	}
+	if p[0] != '/' {
+		return target{}, errNotAllowed{"path must start with /"}
+	}
+	// The key and the upstream request are built from one normalised
+	// path: were the upstream asked for the path as sent, an origin that
+	// does not resolve dot segments would store /x/../a under the key /a.
+	uri := normalizePath(p)
 	if rest != "" {
 		uri += "?" + rest
-		key += "?" + rest
 	}
-	return target{origin: host, uri: uri, key: key}, nil
+	return target{origin: host, uri: uri, key: host + uri}, nil
+}
+
+// normalizePath returns the normal form of an escaped absolute path (RFC
+// 3986 section 6.2.2): percent-encodings of unreserved characters decoded,
+// the hex digits of the others in upper case, and "." and ".." segments
+// resolved. So /repo/./x.deb (what apt asks of a flat repository),
+// /repo/%2E/x.deb and /repo/x.deb are one resource and one cache entry,
+// and no spelling of ".." reaches above the root. Reserved characters stay
+// encoded: %2F is not a segment separator.
+func normalizePath(p string) string {
+	if strings.Contains(p, "%") {
+		var b strings.Builder
+		b.Grow(len(p))
+		for i := 0; i < len(p); i++ {
+			c := p[i]
+			if c == '%' && i+2 < len(p) && isHex(p[i+1]) && isHex(p[i+2]) {
+				v := unhex(p[i+1])<<4 | unhex(p[i+2])
+				if unreserved(v) {
+					b.WriteByte(v)
+				} else {
+					b.WriteByte('%')
+					b.WriteByte(upperHex[v>>4])
+					b.WriteByte(upperHex[v&15])
+				}
+				i += 2
+				continue
+			}
+			b.WriteByte(c)
+		}
+		p = b.String()
+	}
+	return removeDotSegments(p)
+}
+
+const upperHex = "0123456789ABCDEF"
+
+func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c <= 'F':
+		return c - 'A' + 10
+	}
+	return c - 'a' + 10
+}
+
+// unreserved reports whether c is an RFC 3986 unreserved character, which
+// means the same escaped or not (section 2.3).
+func unreserved(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~'
 }
 
 // removeDotSegments resolves "." and ".." path segments (RFC 3986 section
-// 5.2.4) for the cache key, so /repo/./x.deb (what apt asks of a flat
-// repository) and /repo/x.deb share one entry, as they are one resource.
-// The upstream still gets the path as the client sent it.
+// 5.2.4) of a path that starts with "/".
 func removeDotSegments(p string) string {
 	if !strings.Contains(p, "/.") {
 		return p
@@ -174,9 +234,11 @@ func allowedHost(host string, allowed []originPattern) bool {
 
 // splitOriginParam removes every cacheHostOrigin parameter from a raw query,
 // keeping the other parameters byte for byte and in order, and returns their
-// decoded values.
+// decoded values. A name is compared decoded, as every server reads it:
+// "cacheHost%4Frigin" left in the query would name an origin to a parent
+// gateway.
 func splitOriginParam(rawQuery string) (rest string, origins []string, err error) {
-	if !strings.Contains(rawQuery, originParam) {
+	if !strings.Contains(rawQuery, originParam) && !strings.Contains(rawQuery, "%") {
 		return rawQuery, nil, nil
 	}
 	var kept []string

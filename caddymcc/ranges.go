@@ -29,7 +29,9 @@ var (
 )
 
 // parseRange parses a Range header (RFC 9110 section 14.2) against an object
-// of size bytes; errNoOverlap when no range overlaps it.
+// of size bytes; errNoOverlap when no range overlaps a non-empty object. On
+// an empty object a Range is ignored (nil, nil), as net/http's ServeContent
+// does: some clients add one to every request.
 func parseRange(s string, size int64) ([]httpRange, error) {
 	if s == "" {
 		return nil, nil
@@ -60,6 +62,14 @@ func parseRange(s string, size int64) ([]httpRange, error) {
 			if i < 0 || err != nil {
 				return nil, errInvalidRange
 			}
+			if i == 0 || size == 0 {
+				// No bytes: "bytes=-0", or any suffix of an empty
+				// object, is not satisfiable (RFC 9110 section 14.1.2),
+				// where net/http would answer 206 with
+				// "Content-Range: bytes 0--1/0".
+				noOverlap = true
+				continue
+			}
 			i = min(i, size)
 			r.start = size - i
 			r.length = size - r.start
@@ -87,6 +97,9 @@ func parseRange(s string, size int64) ([]httpRange, error) {
 		ranges = append(ranges, r)
 	}
 	if noOverlap && len(ranges) == 0 {
+		if size == 0 {
+			return nil, nil
+		}
 		return nil, errNoOverlap
 	}
 	return ranges, nil

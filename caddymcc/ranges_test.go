@@ -1,6 +1,8 @@
 package caddymcc
 
 import (
+	"bytes"
+	"fmt"
 	"net/http"
 	"reflect"
 	"testing"
@@ -42,11 +44,86 @@ func TestParseRange(t *testing.T) {
 		{"bytes=0-1,x", nil, errInvalidRange},
 		{"items=0-1", nil, errInvalidRange},
 		{"0-1", nil, errInvalidRange},
+		// A suffix of no bytes is unsatisfiable (RFC 9110 section
+		// 14.1.2), not "bytes 1000-999/1000".
+		{"bytes=-0", nil, errNoOverlap},
+		{"bytes=-000", nil, errNoOverlap},
+		{"bytes=-0,1000-", nil, errNoOverlap},
+		{"bytes=-0,0-1", []httpRange{{0, 2}}, nil},
+		{"bytes=-0,-1", []httpRange{{999, 1}}, nil},
 	}
 	for _, c := range cases {
 		got, err := parseRange(c.in, size)
 		if err != c.err || !reflect.DeepEqual(got, c.want) {
 			t.Errorf("parseRange(%q, %d) = %v, %v; want %v, %v", c.in, size, got, err, c.want, c.err)
+		}
+	}
+	// On an empty object every well-formed Range is ignored, as net/http
+	// does (200 with the empty body), never "bytes 0--1/0".
+	empty := []struct {
+		in  string
+		err error
+	}{
+		{"bytes=-5", nil},
+		{"bytes=-0", nil},
+		{"bytes=0-", nil},
+		{"bytes=0-0", nil},
+		{"bytes=0-0,-1", nil},
+		{"bytes=-x", errInvalidRange},
+		{"bytes=x-", errInvalidRange},
+	}
+	for _, c := range empty {
+		got, err := parseRange(c.in, 0)
+		if err != c.err || got != nil {
+			t.Errorf("parseRange(%q, 0) = %v, %v; want no ranges, %v", c.in, got, err, c.err)
+		}
+	}
+}
+
+// TestEmptySuffixRangesNeverAnswerNegativeContentRange asks a real gateway,
+// cold and then from disk, for suffixes of no bytes and for ranges of an
+// empty object: the answer is 416 with "bytes */size" or 200 with the whole
+// object, never a 206 whose Content-Range ends before it starts.
+func TestEmptySuffixRangesNeverAnswerNegativeContentRange(t *testing.T) {
+	o := newOrigin(t)
+	full := o.add("/full.bin", 100*kib, 301)
+	o.add("/empty.bin", 0, 302)
+	g := startGateway(t, o, "")
+	cases := []struct {
+		path, rng string
+		status    int
+		body      []byte // for 200
+	}{
+		{"/full.bin", "bytes=-0", http.StatusRequestedRangeNotSatisfiable, nil},
+		{"/full.bin", "bytes=-0", http.StatusRequestedRangeNotSatisfiable, nil},
+		{"/empty.bin", "bytes=-0", http.StatusOK, []byte{}},
+		{"/empty.bin", "bytes=-0", http.StatusOK, []byte{}},
+		{"/empty.bin", "bytes=-500", http.StatusOK, []byte{}},
+		{"/empty.bin", "bytes=0-", http.StatusOK, []byte{}},
+		{"/full.bin", "bytes=-0,-10", http.StatusPartialContent, full[len(full)-10:]},
+	}
+	for i, c := range cases {
+		resp, done := getOwnConn(t, g, c.path, "origin.test", "Range", c.rng)
+		got := readAll(t, resp)
+		done()
+		cr := resp.Header.Get("Content-Range")
+		if resp.StatusCode != c.status {
+			t.Errorf("%d: GET %s with %s: status %d (Content-Range %q), want %d", i, c.path, c.rng, resp.StatusCode, cr, c.status)
+			continue
+		}
+		switch c.status {
+		case http.StatusRequestedRangeNotSatisfiable:
+			if want := "bytes */" + fmt.Sprint(len(full)); cr != want {
+				t.Errorf("%d: GET %s with %s: Content-Range %q, want %q", i, c.path, c.rng, cr, want)
+			}
+		case http.StatusOK:
+			if cr != "" || !bytes.Equal(got, c.body) {
+				t.Errorf("%d: GET %s with %s: Content-Range %q, %d bytes, want the whole object", i, c.path, c.rng, cr, len(got))
+			}
+		case http.StatusPartialContent:
+			if want := fmt.Sprintf("bytes %d-%d/%d", len(full)-10, len(full)-1, len(full)); cr != want || !bytes.Equal(got, c.body) {
+				t.Errorf("%d: GET %s with %s: Content-Range %q, body equal %v; want %q", i, c.path, c.rng, cr, bytes.Equal(got, c.body), want)
+			}
 		}
 	}
 }
