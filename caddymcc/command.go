@@ -21,8 +21,8 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "mcc",
-		Usage: "stats|prefetch [--address <interface>]",
-		Short: "Shows a cache's summary or warms the cache, through the admin API",
+		Usage: "stats|prefetch|run [--address <interface>]",
+		Short: "Shows a cache's summary, warms the cache, or runs it from MCC's environment",
 		Long: `
 Talks to the mcc routes of a running Caddy's admin API.
 
@@ -36,6 +36,11 @@ Talks to the mcc routes of a running Caddy's admin API.
       downloads are hits. The URLs must point at the gateway itself, in
       the form http://<gateway>/<path>?cacheHostOrigin=<origin>.
       Exits with status 1 if any URL failed.
+
+  caddy mcc run [--print-config] [--drive-root /nginx] [--listen :8081]
+      runs the cache configured from the environment variables of
+      Microsoft Connected Cache's IoT Edge module (see README, "Deploy on
+      IoT Edge"); --print-config prints the generated Caddyfile instead.
 
 The admin API address is taken from --address, or from the config given
 with --config, or else is the default, ` + caddy.DefaultAdminListen + `.`,
@@ -61,7 +66,7 @@ with --config, or else is the default, ` + caddy.DefaultAdminListen + `.`,
 				c.Flags().StringP("config", "c", "", "Configuration file (if --address is not used)")
 				c.Flags().StringP("adapter", "a", "", "Name of config adapter to apply (if --config is used)")
 			}
-			cmd.AddCommand(stats, prefetch)
+			cmd.AddCommand(stats, prefetch, newRunCommand())
 		},
 	})
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 )
 
@@ -38,10 +39,31 @@ func parseOriginPattern(s string) (originPattern, error) {
 		}
 		return originPattern{suffix: "." + strings.ToLower(rest)}, nil
 	}
-	if err := checkHostName(strings.ToLower(s)); err != nil {
+	host, err := parseOriginHost(s)
+	if err != nil {
 		return originPattern{}, fmt.Errorf("origin pattern %q: %v", s, err)
 	}
-	return originPattern{host: strings.ToLower(s)}, nil
+	return originPattern{host: host}, nil
+}
+
+// parseOriginHost reads an origin named exactly: a host name, lower-cased,
+// optionally with a port other than 80 (an origin on port 80 is named
+// without it, as DO agents do). The port is part of the origin's identity:
+// it must be configured to be served, and it is part of the cache key.
+func parseOriginHost(s string) (string, error) {
+	h := strings.ToLower(s)
+	host, port, hasPort := strings.Cut(h, ":")
+	if err := checkHostName(host); err != nil {
+		return "", err
+	}
+	if !hasPort {
+		return host, nil
+	}
+	n, err := strconv.Atoi(port)
+	if err != nil || n < 1 || n > 65535 || n == 80 || strconv.Itoa(n) != port {
+		return "", errors.New("not a host name (a port must be 1-65535 and not 80)")
+	}
+	return h, nil
 }
 
 func (p originPattern) match(host string) bool {
@@ -110,8 +132,8 @@ func classify(r *http.Request, allowed []originPattern) (target, error) {
 			return target{}, errNotAllowed{"no cacheHostOrigin and host " + quoteShort(r.Host) + " is not a cached origin"}
 		}
 	case 1:
-		host = strings.ToLower(origins[0])
-		if err := checkHostName(host); err != nil {
+		host, err = parseOriginHost(origins[0])
+		if err != nil {
 			return target{}, errNotAllowed{"cacheHostOrigin " + quoteShort(origins[0]) + ": " + err.Error()}
 		}
 		if !allowedHost(host, allowed) {

@@ -43,7 +43,7 @@ func (s *Store) available() (int64, error) {
 	if err := syscall.Statfs(s.dir, &st); err != nil {
 		return 0, err
 	}
-	return int64(st.Bavail) * st.Bsize, nil
+	return int64(st.Bavail) * int64(st.Bsize), nil
 }
 
 // evictBytes evicts least-recently-used objects, other than keep, until at

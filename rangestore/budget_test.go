@@ -274,7 +274,7 @@ func TestMinFreeKeepsFreeSpace(t *testing.T) {
 		if err := syscall.Statfs(dir, &st); err != nil {
 			t.Fatal(err)
 		}
-		return int64(st.Bavail) * st.Bsize
+		return int64(st.Bavail) * int64(st.Bsize)
 	}
 	// The journal and index take a page now and then besides the blocks.
 	const slack = 16 << 10
@@ -445,7 +445,7 @@ func TestAbortAfterFullDiskFreesTheWholeBlock(t *testing.T) {
 		if err := syscall.Statfs(dir, &st); err != nil {
 			t.Fatal(err)
 		}
-		return int64(st.Bavail) * st.Bsize
+		return int64(st.Bavail) * int64(st.Bsize)
 	}
 	s := openStore(t, dir, Options{BlockSize: bs})
 	defer s.Close()
