@@ -88,7 +88,13 @@ func loadCache(dir string, opts rangestore.Options, logger *zap.Logger) (*cache,
 			c.store, c.err = rangestore.Open(dir, opts)
 			if c.err != nil {
 				logger.Error("cannot open store; serving without caching", zap.String("dir", dir), zap.Error(c.err))
+				return
 			}
+			rec := c.store.Recovery()
+			logger.Info("store open", zap.String("dir", dir), zap.Bool("clean_shutdown", rec.Clean),
+				zap.Int("objects", rec.Objects), zap.Int("journal_records", rec.Records),
+				zap.Int("blocks_checked", rec.BlocksChecked), zap.Int("torn_blocks_dropped", rec.BlocksDropped),
+				zap.Int("objects_without_data_dropped", rec.ObjectsDropped), zap.Duration("took", rec.Duration))
 		}()
 		return c, nil
 	})

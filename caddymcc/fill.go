@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -246,6 +248,12 @@ func (rq *request) subrequest(start, end int64) (*http.Request, context.CancelFu
 	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
 	stop := context.AfterFunc(rq.c.ctx, cancel)
 	fr := r.Clone(ctx)
+	// The path as the cache key has it (normalised), so that a parent
+	// reached without a rewrite keys it the same.
+	p, _, _ := strings.Cut(rq.uri, "?")
+	if unescaped, err := url.PathUnescape(p); err == nil {
+		fr.URL.Path, fr.URL.RawPath = unescaped, p
+	}
 	fr.Method = http.MethodGet
 	fr.Body = http.NoBody
 	fr.ContentLength = 0

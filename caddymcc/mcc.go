@@ -42,7 +42,7 @@ func init() {
 // Placeholder | Description
 // ------------|-------------
 // `{http.mcc.origin_host}` | the origin host, lower case
-// `{http.mcc.origin_uri}` | path and query of the request without `cacheHostOrigin`
+// `{http.mcc.origin_uri}` | path (normalised: dot segments resolved) and query of the request without `cacheHostOrigin`
 //
 // Every response carries an RFC 9211 `Cache-Status` header.
 type Handler struct {
@@ -219,7 +219,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	c, err := loadCache(dir, rangestore.Options{BlockSize: h.BlockSize, MaxSize: h.MaxSize, MinFree: minFree}, h.logger)
+	// The handler refuses objects over its own MaxObjectSize; the store's
+	// limit only has to let every configurable size through.
+	opts := rangestore.Options{BlockSize: h.BlockSize, MaxSize: h.MaxSize, MinFree: minFree, MaxObjectSize: maxObjectSizeLimit}
+	c, err := loadCache(dir, opts, h.logger)
 	if err != nil {
 		return fmt.Errorf("mcc: %w", err)
 	}

@@ -391,6 +391,13 @@ func (rq *request) respondMultipart(obj *rangestore.Object, ranges []httpRange, 
 		return true, err
 	}
 	defer file.Close()
+	// ServeContent parses Range again: give it the ranges as parsed here,
+	// so what it answers is what was counted and fetched.
+	spec := make([]string, len(ranges))
+	for i, rg := range ranges {
+		spec[i] = strconv.FormatInt(rg.start, 10) + "-" + strconv.FormatInt(rg.start+rg.length-1, 10)
+	}
+	rq.r.Header.Set("Range", "bytes="+strings.Join(spec, ","))
 	http.ServeContent(rq.w, rq.r, "", modtime, file)
 	return true, nil
 }

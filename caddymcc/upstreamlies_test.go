@@ -1,8 +1,11 @@
 package caddymcc
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -134,5 +137,39 @@ func TestPanickingUpstreamHandlerFailsOnlyItsFill(t *testing.T) {
 	download(t, g, "/ok/b.swu", "origin.test", want, csMiss)
 	if n := cacheOf(t, g).stats.fillErrors[fillUpstream].Load(); n < 3 {
 		t.Errorf("fill errors of kind upstream = %d, want at least 3", n)
+	}
+}
+
+// TestStoreOpenLogsRecoveryInOneLine: opening the store logs one line
+// with what recovery did (issue 10, point 13).
+func TestStoreOpenLogsRecoveryInOneLine(t *testing.T) {
+	o := newOrigin(t)
+	g := &gateway{t: t, dir: t.TempDir(), adminAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+	port := freePort(t)
+	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
+	logFile := filepath.Join(g.dir, "caddy.log")
+	cfg := strings.Replace(gatewayConfig, "\tlog {\n\t\tlevel ERROR\n\t}", "\tlog {\n\t\toutput file "+logFile+"\n\t\tformat json\n\t\tlevel INFO\n\t}", 1)
+	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "")
+	g.load(adapt(t, r.Replace(cfg)))
+	t.Cleanup(func() { caddy.Stop() })
+	cacheOf(t, g)
+	b, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []map[string]any
+	for _, l := range strings.Split(string(b), "\n") {
+		var entry map[string]any
+		if json.Unmarshal([]byte(l), &entry) == nil && entry["msg"] == "store open" {
+			lines = append(lines, entry)
+		}
+	}
+	if len(lines) != 1 {
+		t.Fatalf("%d 'store open' lines in the log, want 1:\n%s", len(lines), b)
+	}
+	for _, k := range []string{"dir", "clean_shutdown", "objects", "blocks_checked", "torn_blocks_dropped", "took"} {
+		if _, ok := lines[0][k]; !ok {
+			t.Errorf("the 'store open' line has no %s: %v", k, lines[0])
+		}
 	}
 }
