@@ -21,9 +21,12 @@ type counters struct {
 	fillsStarted   atomic.Int64
 	fillsInFlight  atomic.Int64
 	collapsed      atomic.Int64 // client waits on a fill it did not start
-	requests       [numStatuses]atomic.Int64
-	fillErrors     [numFillErrors]atomic.Int64
-	fillSeconds    histogram // duration of fills
+	// uncachedStreams counts downloads that went on from upstream,
+	// uncached, because the store would not take their blocks.
+	uncachedStreams atomic.Int64
+	requests        [numStatuses]atomic.Int64
+	fillErrors      [numFillErrors]atomic.Int64
+	fillSeconds     histogram // duration of fills
 
 	// ledger adds the totals of earlier runs and keeps the history the
 	// summary shows (lifetime.go).

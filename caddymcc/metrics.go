@@ -50,6 +50,9 @@ var (
 	metricCollapsed = prometheus.NewDesc(metricsNamespace+"collapsed_total",
 		"Client waits collapsed onto a fill that another request started.",
 		[]string{"dir"}, nil)
+	metricUncached = prometheus.NewDesc(metricsNamespace+"uncached_streams_total",
+		"Downloads that went on from upstream uncached because the store would not take their blocks (disk budget full of objects in use, or the object purged while read).",
+		[]string{"dir"}, nil)
 	metricFillErrors = prometheus.NewDesc(metricsNamespace+"fill_errors_total",
 		"Fills that failed, by kind: timeout, aborted, invalid, changed, store, upstream.",
 		[]string{"dir", "kind"}, nil)
@@ -71,7 +74,7 @@ var (
 func (cacheMetrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		metricRequests, metricServedBytes, metricUpstreamBytes, metricFills,
-		metricFillsInFlight, metricFillDuration, metricCollapsed, metricFillErrors,
+		metricFillsInFlight, metricFillDuration, metricCollapsed, metricUncached, metricFillErrors,
 		metricEvictions, metricStoredBytes, metricStoredObjects, metricMaxSize,
 	} {
 		ch <- d
@@ -99,6 +102,7 @@ func (cacheMetrics) Collect(ch chan<- prometheus.Metric) {
 		counter(metricFills, s.fillsStarted.Load())
 		gauge(metricFillsInFlight, s.fillsInFlight.Load())
 		counter(metricCollapsed, s.collapsed.Load())
+		counter(metricUncached, s.uncachedStreams.Load())
 		for k := range fillError(numFillErrors) {
 			counter(metricFillErrors, s.fillErrors[k].Load(), k.String())
 		}

@@ -261,7 +261,9 @@ func (rq *request) respond(obj *rangestore.Object, learned *fill, note string) (
 	// upstream that is down or refuses still gets an honest status.
 	if !present && rg.length > 0 && rq.r.Method != http.MethodHead {
 		if f := rq.claim(obj, obj.BlockOf(rg.start), obj.BlockOf(rg.start+rg.length-1)); f != nil {
-			if _, err := f.await(rq.r.Context(), rg.start, nil); err != nil {
+			// A store that will not take the blocks is no reason to fail:
+			// stream then goes on uncached.
+			if _, err := f.await(rq.r.Context(), rg.start, nil); err != nil && !storeRefused(err) {
 				return false, err
 			}
 			if learned == nil {
@@ -432,6 +434,9 @@ func (rq *request) stream(obj *rangestore.Object, file *os.File, rg httpRange, d
 		segEnd := min(end, blk.Off+blk.Len)
 		for pos < segEnd {
 			avail, err := f.await(rq.r.Context(), pos, flush)
+			if storeRefused(err) {
+				return rq.streamUncached(obj, pos, end, err)
+			}
 			if err != nil {
 				return err
 			}
