@@ -222,7 +222,7 @@ func (rq *request) startFill(obj *rangestore.Object, first, last int, cond http.
 		wake:   make(chan struct{}),
 		pos:    int64(first) * c.blockSize,
 	}
-	fr, cancel := rq.subrequest(int64(first)*c.blockSize, int64(last+1)*c.blockSize-1)
+	fr, cancel := rq.subrequest(obj, int64(first)*c.blockSize, int64(last+1)*c.blockSize-1)
 	for k, v := range cond {
 		fr.Header[k] = v
 	}
@@ -238,13 +238,23 @@ func (rq *request) startFill(obj *rangestore.Object, first, last int, cond http.
 	return f
 }
 
-// subrequest derives the upstream request for bytes [start, end] from the
-// client's: same URL and headers (so a parent cache sees the same
-// cacheHostOrigin), minus validators and encodings, with a context that
-// outlives the client and ends with the cache, fresh vars and a fresh
-// replacer (reverse_proxy writes to both, and fills run concurrently).
-func (rq *request) subrequest(start, end int64) (*http.Request, context.CancelFunc) {
+// subrequest derives the upstream request for bytes [start, end] of obj
+// (nil when it is not stored yet) from the client's: the same URL (so a
+// parent cache sees the same cacheHostOrigin) and none of its headers, with
+// a context that outlives the client and ends with the cache, fresh vars
+// and a fresh replacer (reverse_proxy writes to both, and fills run
+// concurrently).
+func (rq *request) subrequest(obj *rangestore.Object, start, end int64) (*http.Request, context.CancelFunc) {
 	r := rq.r
+	tg := rq.target
+	if obj != nil {
+		if host, ok := metaValue(obj.Meta(), metaOrigin); ok && host != tg.origin {
+			// Mirrors sharing a canonical key often have ETags of their
+			// own: a stored version is completed from the host that
+			// created it, never combined with another mirror's bytes.
+			tg.origin = host
+		}
+	}
 	ctx, cancel := context.WithCancel(context.WithoutCancel(r.Context()))
 	stop := context.AfterFunc(rq.c.ctx, cancel)
 	fr := r.Clone(ctx)
@@ -253,6 +263,13 @@ func (rq *request) subrequest(start, end int64) (*http.Request, context.CancelFu
 	p, _, _ := strings.Cut(rq.uri, "?")
 	if unescaped, err := url.PathUnescape(p); err == nil {
 		fr.URL.Path, fr.URL.RawPath = unescaped, p
+	}
+	if tg.origin != rq.origin {
+		if q, ok := replaceOriginParam(fr.URL.RawQuery, tg.origin); ok {
+			fr.URL.RawQuery = q
+		} else {
+			fr.Host = tg.origin
+		}
 	}
 	fr.Method = http.MethodGet
 	fr.Body = http.NoBody
@@ -275,7 +292,7 @@ func (rq *request) subrequest(start, end int64) (*http.Request, context.CancelFu
 	srv, _ := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	repl := caddy.NewReplacer()
 	fr = caddyhttp.PrepareRequest(fr, repl, nil, srv)
-	setPlaceholders(repl, rq.target)
+	setPlaceholders(repl, tg)
 	return fr, func() { stop(); cancel() }
 }
 

@@ -118,6 +118,7 @@ func (w *fillWriter) WriteHeader(code int) {
 		return
 	}
 	stampMeta(&meta, w.header, c.now())
+	meta.Internal[metaOrigin] = f.origin
 	if err := w.pin(meta); err != nil {
 		w.failed = err
 		return

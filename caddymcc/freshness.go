@@ -38,6 +38,7 @@ const (
 	metaStored = "Stored" // unix seconds the object's first block arrived
 	metaAge    = "Age"    // the Age header it arrived with, seconds
 	metaDate   = "Date"   // the upstream's Date header
+	metaOrigin = "Origin" // the origin host whose answer created the version
 )
 
 // stampMeta records when a response arrived, for freshness.

@@ -286,3 +286,16 @@ func quoteShort(s string) string {
 	}
 	return fmt.Sprintf("%q", s)
 }
+
+// replaceOriginParam returns rawQuery with its cacheHostOrigin parameter
+// naming host instead, and false when it has none.
+func replaceOriginParam(rawQuery, host string) (string, bool) {
+	rest, origins, err := splitOriginParam(rawQuery)
+	if err != nil || len(origins) == 0 {
+		return rawQuery, false
+	}
+	if rest != "" {
+		rest += "&"
+	}
+	return rest + originParam + "=" + url.QueryEscape(host), true
+}

@@ -380,3 +380,42 @@ func TestColdHerdFetchesEachByteOnceEveryTime(t *testing.T) {
 		}
 	}
 }
+
+// TestMirrorsWithOwnETagsNeverCutOrDrop: under canonical, regional mirrors
+// compute their own ETags for the same file. A download through one mirror
+// of an object first filled through another was cut and the stored copy
+// dropped, again and again.
+func TestMirrorsWithOwnETagsNeverCutOrDrop(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/m.swu", 640*kib, 140)
+	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
+		// The same bytes, an ETag of each host's own.
+		serveWithout(w, r, obj.data, `"`+r.Host+`"`)
+		return true
+	})
+	g := startGateway(t, o, "canonical origin.test mirror.test")
+	if code, _, _ := getWith(t, g, "/m.swu", "Range", "bytes=0-65535"); code != 206 {
+		t.Fatalf("first block through origin.test: %d", code)
+	}
+	g.waitFills()
+	before := len(o.log())
+	for _, mirror := range []string{"mirror.test", "mirror.test"} {
+		resp, done := getOwnConn(t, g, "/m.swu", mirror)
+		got := readAll(t, resp)
+		done()
+		if resp.StatusCode != 200 || !bytes.Equal(got, want) {
+			t.Fatalf("through %s: %d, %d bytes, equal %v", mirror, resp.StatusCode, len(got), bytes.Equal(got, want))
+		}
+		g.waitFills()
+	}
+	for _, r := range o.log()[before:] {
+		if r.host != "origin.test" {
+			t.Errorf("a fill of the version origin.test created went to %s", r.host)
+		}
+	}
+	if resp := g.get("/m.swu", "mirror.test"); resp.Header.Get("Cache-Status") != csHit {
+		t.Errorf("third download through the mirror: Cache-Status %q, want a hit on the kept copy", resp.Header.Get("Cache-Status"))
+	} else {
+		readAll(t, resp)
+	}
+}

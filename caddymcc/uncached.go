@@ -31,7 +31,7 @@ func (rq *request) streamUncached(obj *rangestore.Object, pos, end int64, why er
 	rq.c.stats.uncachedStreams.Add(1)
 	rq.h.logger.Warn("store refused a download's blocks; streaming the rest uncached",
 		zap.String("key", rq.key), zap.Int64("from", pos), zap.Int64("to", end), zap.NamedError("why", why))
-	fr, cancel := rq.subrequest(pos, end-1)
+	fr, cancel := rq.subrequest(obj, pos, end-1)
 	defer cancel()
 	// Unlike a fill, this request serves one client: it ends with it.
 	stop := context.AfterFunc(rq.r.Context(), cancel)
