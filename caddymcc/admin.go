@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 )
 
 func init() {
@@ -304,7 +306,7 @@ func (adminAPI) handlePrefetch(w http.ResponseWriter, r *http.Request) error {
 		go func() {
 			defer wg.Done()
 			for i := range jobs {
-				results <- prefetchOne(ctx, client, i, req.URLs[i])
+				results <- safePrefetch(ctx, client, i, req.URLs[i])
 			}
 		}()
 	}
@@ -334,6 +336,18 @@ func (adminAPI) handlePrefetch(w http.ResponseWriter, r *http.Request) error {
 		}
 	}
 	return nil
+}
+
+// safePrefetch is prefetchOne that reports a panic as that URL's error
+// instead of taking the process down.
+func safePrefetch(ctx context.Context, client *http.Client, i int, raw string) (res prefetchResult) {
+	defer func() {
+		if v := recover(); v != nil {
+			caddy.Log().Named("http.handlers.mcc").Error("panic in a prefetch", zap.String("url", raw), zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+			res = prefetchResult{Index: i, URL: raw, Error: fmt.Sprintf("panic: %v", v)}
+		}
+	}()
+	return prefetchOne(ctx, client, i, raw)
 }
 
 // prefetchOne downloads one URL and reports how it went.

@@ -83,6 +83,7 @@ func loadCache(dir string, opts rangestore.Options, logger *zap.Logger) (*cache,
 			revalidating: newFlights(),
 			validated:    validations{m: make(map[uint64]time.Time)},
 		}
+		opts.Log = func(msg string) { logger.Error(msg, zap.String("dir", dir)) }
 		go func() {
 			defer close(c.ready)
 			c.store, c.err = rangestore.Open(dir, opts)

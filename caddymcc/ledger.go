@@ -9,6 +9,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -111,6 +112,15 @@ func (l *ledger) stop() {
 
 func (l *ledger) run(c *cache, prev *ledger) {
 	defer func() {
+		if v := recover(); v != nil {
+			// The counters stop being sampled and saved; serving goes on.
+			l.logger.Error("panic in the summary ledger", zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+			select {
+			case <-l.ready:
+			default:
+				close(l.ready)
+			}
+		}
 		ledgers.Lock()
 		if ledgers.last[c.dir] == l {
 			delete(ledgers.last, c.dir)

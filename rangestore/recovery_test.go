@@ -94,3 +94,47 @@ type blockAt struct {
 	gen uint64
 	i   int
 }
+
+func TestBackgroundSnapshotPanicIsLoggedAndTheStoreGoesOn(t *testing.T) {
+	logged := make(chan string, 4)
+	dir := t.TempDir()
+	s := openStore(t, dir, Options{SnapshotInterval: time.Hour, Log: func(m string) { logged <- m }})
+	o := create(t, s, "a", metaV(testBS, 1))
+	writeBlock(t, o, 0, 0)
+	o.Close()
+
+	testHookSnapshot = func(step string) {
+		if step == "journal-swapped" {
+			panic("boom")
+		}
+	}
+	s.kick <- struct{}{}
+	var msg string
+	select {
+	case msg = <-logged:
+	case <-time.After(20 * time.Second):
+		t.Fatal("a panicking background snapshot logged nothing")
+	}
+	testHookSnapshot = nil
+	if !strings.Contains(msg, "panic") || !strings.Contains(msg, "boom") || !strings.Contains(msg, "snapshot") {
+		t.Errorf("logged %q", msg)
+	}
+
+	// The store goes on: writes work and survive a clean reopen.
+	b := create(t, s, "b", metaV(testBS, 2))
+	writeBlock(t, b, 0, 0)
+	b.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, dir, Options{})
+	defer s.Close()
+	for _, k := range []string{"a", "b"} {
+		obj, err := s.Get(k)
+		if err != nil || !obj.HasBlock(0) {
+			t.Fatalf("%s after the panic and a reopen: %v", k, err)
+		}
+		checkObject(t, obj)
+		obj.Close()
+	}
+}

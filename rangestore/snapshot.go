@@ -10,6 +10,7 @@ import (
 	mbits "math/bits"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -39,19 +40,40 @@ func (s *Store) snapshotLoop() {
 		case <-t.C:
 		case <-s.kick:
 		}
-		s.snapshotIfDue()
+		s.backgroundSnapshot()
+	}
+}
+
+// backgroundSnapshot runs snapshotIfDue for the snapshot goroutine, which
+// has no caller to return an error to: failures and panics go to
+// Options.Log, and the journal keeps every change until a snapshot works.
+func (s *Store) backgroundSnapshot() {
+	defer func() {
+		if v := recover(); v != nil {
+			s.log(fmt.Sprintf("rangestore: panic in a background snapshot: %v\n%s", v, debug.Stack()))
+		}
+	}()
+	if err := s.snapshotIfDue(); err != nil {
+		s.log("rangestore: background snapshot failed: " + err.Error())
+	}
+}
+
+func (s *Store) log(msg string) {
+	if s.opts.Log != nil {
+		s.opts.Log(msg)
 	}
 }
 
 // snapshotIfDue snapshots the index if anything was journalled, or an
 // object's recorded last use grew stale, since the last snapshot.
-func (s *Store) snapshotIfDue() {
+func (s *Store) snapshotIfDue() error {
 	s.mu.Lock()
 	due := s.changes > 0 || s.accessDirty
 	s.mu.Unlock()
-	if due {
-		s.snapshot(false)
+	if !due {
+		return nil
 	}
+	return s.snapshot(false)
 }
 
 // testHookSnapshot, when set by a test, is called at each step of a

@@ -71,6 +71,11 @@ type Options struct {
 	// object's last use, so the order of eviction survives a crash to
 	// within about this interval. Default: 1 minute.
 	SnapshotInterval time.Duration
+
+	// Log, when set, receives what the store's own goroutine cannot
+	// return to anyone: a failed background snapshot, or a panic in one
+	// (with its stack; the store keeps running on its journal).
+	Log func(msg string)
 }
 
 // Meta describes one version of an object. Length, ETag and LastModified
