@@ -50,6 +50,8 @@ type cache struct {
 	claims       *claims
 	learning     *flights
 	revalidating *flights
+	// queue caps the fills talking to upstream at once (max_fills).
+	queue fillQueue
 	// validated holds when each object version was last confirmed current
 	// (freshness.go).
 	validated validations

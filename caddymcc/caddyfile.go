@@ -39,6 +39,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    stale_if_error <duration>       # default: 24h
 //	    name         <token>            # default: caddy-mcc
 //	    max_levels   <n>                # default: 16
+//	    max_fills    <n>                # default: 64
 //	}
 //
 // Paths are subdirectives because a first argument starting with / would be
@@ -118,15 +119,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			case "stale_if_error":
 				h.StaleIfError = caddy.Duration(t)
 			}
-		case "max_levels":
+		case "max_levels", "max_fills":
+			name := d.Val()
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
 			n, err := strconv.Atoi(d.Val())
 			if err != nil || n < 1 {
-				return d.Errf("max_levels: %q is not a positive number", d.Val())
+				return d.Errf("%s: %q is not a positive number", name, d.Val())
 			}
-			h.MaxLevels = n
+			if name == "max_fills" {
+				h.MaxFills = n
+			} else {
+				h.MaxLevels = n
+			}
 		case "name":
 			if !d.NextArg() {
 				return d.ArgErr()

@@ -47,6 +47,7 @@ func TestUnmarshalCaddyfileSetsEverySubdirective(t *testing.T) {
 		}},
 		{"KiB block size", "mcc {\n block_size 64KiB\n}", Handler{BlockSize: 64 << 10}},
 		{"max_object_size", "mcc {\n max_object_size 4GiB\n}", Handler{MaxObjectSize: 4 << 30}},
+		{"max_fills", "mcc {\n max_fills 8\n}", Handler{MaxFills: 8}},
 		{"lower-case IEC unit", "mcc {\n block_size 64kib\n}", Handler{BlockSize: 64 << 10}},
 		{"SI units are decimal", "mcc {\n max_size 500MB\n read_ahead 64k\n}", Handler{MaxSize: 500_000_000, ReadAhead: 64_000}},
 		{"fractional size", "mcc {\n max_size 1.5GiB\n}", Handler{MaxSize: 3 << 29}},
@@ -172,6 +173,7 @@ func TestValidateNamesTheWrongField(t *testing.T) {
 		"read_ahead":     {ReadAhead: -1},
 		"fill_timeout":   {FillTimeout: -1},
 		"max_levels":     {MaxLevels: -1},
+		"max_fills":      {MaxFills: -1},
 		"index_ttl":      {IndexTTL: -1},
 		"stale_if_error": {StaleIfError: -1},
 	} {

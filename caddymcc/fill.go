@@ -303,12 +303,16 @@ func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next
 	defer cancel()
 	began := time.Now()
 	fw := &fillWriter{f: f, h: h, obj: obj, header: make(http.Header)}
-	fw.idle = time.AfterFunc(h.fillTimeout, func() {
-		fw.timedOut.Store(true)
-		cancel()
-	})
-	err := serveNext(h.logger, next, fw, fr)
-	fw.idle.Stop()
+	err := f.c.queue.acquire(fr.Context())
+	if err == nil {
+		fw.idle = time.AfterFunc(h.fillTimeout, func() {
+			fw.timedOut.Store(true)
+			cancel()
+		})
+		err = serveNext(h.logger, next, fw, fr)
+		fw.idle.Stop()
+		f.c.queue.release()
+	}
 	err = fw.finish(err)
 	if err != nil && fw.timedOut.Load() {
 		err = fmt.Errorf("%w: %v", errFillIdle, err)

@@ -80,11 +80,20 @@ type Handler struct {
 	Canonical map[string][]string `json:"canonical,omitempty"`
 
 	// ReadAhead is how far beyond the block a client is reading the cache
-	// keeps fetching, within the range the client asked for; one upstream
-	// request covers up to this much. Larger values make a cold
-	// download through the cache nearly as fast as a direct one over a
-	// slow round trip. Default: 16MiB.
+	// keeps fetching at most, within the range the client asked for. A
+	// client's read-ahead starts at 2MiB (or one block, if larger) and
+	// doubles with each upstream request it makes, up to ReadAhead, and
+	// the next request starts while the client still reads the current
+	// one: a linear download reaches the link's speed in a few round
+	// trips, and a client that reads a little and leaves costs the origin
+	// little. Requests from another caddy-mcc (a child gateway's fills)
+	// get the whole ReadAhead at once. Default: 16MiB.
 	ReadAhead int64 `json:"read_ahead,omitempty"`
+
+	// MaxFills is the most fills of this store that talk to upstream at
+	// once; further fills wait their turn, first come first served. It
+	// is per store directory (the last config loaded sets it). Default: 64.
+	MaxFills int `json:"max_fills,omitempty"`
 
 	// MaxObjectSize is the largest object the cache stores. An upstream
 	// answer that gives a larger (or malformed) length is refused with 502
@@ -118,7 +127,8 @@ type Handler struct {
 
 	origins     []originPattern
 	aliases     map[string]string // alias host -> canonical host
-	raBlocks    int
+	raBlocks    int               // ReadAhead in blocks
+	startAhead  int               // a client's first read-ahead, in blocks
 	fillTimeout time.Duration
 	indexTTL    time.Duration
 	staleOK     time.Duration
@@ -140,6 +150,10 @@ const (
 	defaultMinFree       = 1 << 30
 	defaultReadAhead     = 16 << 20
 	defaultMaxObjectSize = 64 << 30
+	defaultMaxFills      = 64
+	// A client's first read-ahead: what a request that is abandoned right
+	// after its status line costs the origin at most.
+	startReadAhead = 2 << 20
 	// Byte offsets within any object then stay far from overflowing.
 	maxObjectSizeLimit = 1 << 50
 	defaultFillIdle    = 30 * time.Second
@@ -163,6 +177,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.MaxObjectSize = defaultMaxObjectSize
 	}
 	h.raBlocks = int(max(1, h.ReadAhead/h.BlockSize))
+	h.startAhead = int(min(int64(h.raBlocks), max(1, startReadAhead/h.BlockSize)))
+	if h.MaxFills == 0 {
+		h.MaxFills = defaultMaxFills
+	}
 	h.fillTimeout = time.Duration(h.FillTimeout)
 	if h.fillTimeout == 0 {
 		h.fillTimeout = defaultFillIdle
@@ -226,6 +244,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("mcc: %w", err)
 	}
+	c.queue.setLimit(h.MaxFills)
 	h.cache, h.dir = c, dir
 	if err := h.provisionMetrics(ctx); err != nil {
 		return err
@@ -245,6 +264,7 @@ func (h *Handler) Validate() error {
 		{"max_object_size", h.MaxObjectSize < 0},
 		{"fill_timeout", h.FillTimeout < 0},
 		{"max_levels", h.MaxLevels < 0},
+		{"max_fills", h.MaxFills < 0},
 		{"index_ttl", h.IndexTTL < 0},
 		{"stale_if_error", h.StaleIfError < 0},
 	} {
@@ -287,8 +307,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		tg.key = canon + tg.uri
 	}
 	rq.target = tg
-	if reason := h.checkLoop(r); reason != "" {
+	levels, reason := h.checkLoop(r)
+	if reason != "" {
 		return rq.refuse(http.StatusLoopDetected, reason)
+	}
+	rq.ahead, rq.frontier = h.startAhead, -1
+	if levels > 0 {
+		// A child gateway's fill: it reads all it asked for.
+		rq.ahead, rq.eager = h.raBlocks, true
 	}
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		setPlaceholders(repl, tg)
@@ -324,12 +350,12 @@ func logTally(r *http.Request, t *tally) {
 	}
 }
 
-// checkLoop returns why r must be refused as a forwarding loop: it already
-// passed through this node, or through MaxLevels caches. Each caddy-mcc
+// checkLoop counts the caches r passed through, and returns why it must be
+// refused as a forwarding loop: it already passed through this node, or
+// through MaxLevels caches. Each caddy-mcc
 // adds "1.1 mcc-<node id>" to the Via header of its fills (RFC 9110
 // section 7.6.3 lets a proxy name itself with a pseudonym).
-func (h *Handler) checkLoop(r *http.Request) string {
-	levels := 0
+func (h *Handler) checkLoop(r *http.Request) (levels int, reason string) {
 	for _, v := range r.Header.Values("Via") {
 		for _, hop := range strings.Split(v, ",") {
 			fields := strings.Fields(hop)
@@ -337,15 +363,15 @@ func (h *Handler) checkLoop(r *http.Request) string {
 				continue
 			}
 			if fields[1] == h.cache.node {
-				return "forwarding loop: this request already passed through this cache (" + h.cache.node + ")"
+				return levels, "forwarding loop: this request already passed through this cache (" + h.cache.node + ")"
 			}
 			levels++
 		}
 	}
 	if levels >= h.MaxLevels {
-		return fmt.Sprintf("forwarding loop: the request passed through %d caches (max_levels %d)", levels, h.MaxLevels)
+		return levels, fmt.Sprintf("forwarding loop: the request passed through %d caches (max_levels %d)", levels, h.MaxLevels)
 	}
-	return ""
+	return levels, ""
 }
 
 func setPlaceholders(repl *caddy.Replacer, tg target) {

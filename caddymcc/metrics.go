@@ -44,6 +44,9 @@ var (
 	metricFillsInFlight = prometheus.NewDesc(metricsNamespace+"fills_in_flight",
 		"Fills running now.",
 		[]string{"dir"}, nil)
+	metricFillsQueued = prometheus.NewDesc(metricsNamespace+"fills_queued",
+		"Fills waiting for a turn under max_fills.",
+		[]string{"dir"}, nil)
 	metricFillDuration = prometheus.NewDesc(metricsNamespace+"fill_duration_seconds",
 		"How long fills took, from the upstream request to the last block stored or the failure.",
 		[]string{"dir"}, nil)
@@ -74,7 +77,7 @@ var (
 func (cacheMetrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		metricRequests, metricServedBytes, metricUpstreamBytes, metricFills,
-		metricFillsInFlight, metricFillDuration, metricCollapsed, metricUncached, metricFillErrors,
+		metricFillsInFlight, metricFillsQueued, metricFillDuration, metricCollapsed, metricUncached, metricFillErrors,
 		metricEvictions, metricStoredBytes, metricStoredObjects, metricMaxSize,
 	} {
 		ch <- d
@@ -101,6 +104,7 @@ func (cacheMetrics) Collect(ch chan<- prometheus.Metric) {
 		counter(metricUpstreamBytes, s.upstreamBytes.Load())
 		counter(metricFills, s.fillsStarted.Load())
 		gauge(metricFillsInFlight, s.fillsInFlight.Load())
+		gauge(metricFillsQueued, int64(c.queue.queued()))
 		counter(metricCollapsed, s.collapsed.Load())
 		counter(metricUncached, s.uncachedStreams.Load())
 		for k := range fillError(numFillErrors) {

@@ -29,6 +29,35 @@ type request struct {
 	next  caddyhttp.Handler
 	target
 	t tally
+	// The request's read-ahead: fills it starts stay within blocks up to
+	// frontier; when the client reaches block trigger, the frontier moves
+	// on by the next window, twice as large as the last (ahead), up to
+	// ReadAhead. The second window is asked for once the client reads the
+	// last block of the first, so a request abandoned early costs little;
+	// every later one as soon as the client reads into the one before, so
+	// the next upstream request is under way while the current one is read.
+	ahead, frontier, trigger int
+	// eager: the client reads all it asked for (a child gateway's fill).
+	eager bool
+}
+
+// reached records that the client reached block b and moves the
+// read-ahead frontier on.
+func (rq *request) reached(b int) {
+	if rq.frontier >= 0 && b >= rq.trigger {
+		rq.ahead = min(2*rq.ahead, rq.h.raBlocks)
+		rq.trigger = rq.frontier + 1
+		rq.frontier += rq.ahead
+	}
+	if rq.frontier < b {
+		// The first block this request fetches, or far past all it
+		// fetched so far: a first window from here.
+		rq.frontier = b + rq.ahead - 1
+		rq.trigger = rq.frontier
+		if rq.eager {
+			rq.trigger = b
+		}
+	}
 }
 
 // serve answers an allowed request from the store, filling what is missing.
@@ -125,7 +154,8 @@ func (rq *request) learn() (*rangestore.Object, *fill, error) {
 		start, end = 0, -1
 	}
 	first := int(start / bs)
-	last := first + rq.h.raBlocks - 1
+	rq.reached(first)
+	last := rq.frontier
 	if end >= 0 {
 		last = min(last, int(end/bs))
 	}
@@ -488,9 +518,12 @@ func (rq *request) fetch(obj *rangestore.Object, rg httpRange) error {
 
 // claim returns the fill that owns block b of obj, or nil when b is
 // present, first starting a fill for the missing blocks from b on, up to
-// ReadAhead and not past block last, that no fill owns yet.
+// the request's read-ahead and not past block last, that no fill owns yet.
+// Called as the client reaches each block, it keeps the next fill under
+// way while the client still reads the current one.
 func (rq *request) claim(obj *rangestore.Object, b, last int) *fill {
-	f := rq.c.claims.claim(obj, b, last, rq.h.raBlocks, func(first, last int) *fill {
+	rq.reached(b)
+	f := rq.c.claims.claim(obj, b, min(last, rq.frontier), rq.ahead, func(first, last int) *fill {
 		return rq.startFill(obj, first, last, nil)
 	})
 	if f != nil && f.by != rq.r {

@@ -1,0 +1,203 @@
+package caddymcc
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Tests in this file pin the cold path (issue 11): read-ahead that starts
+// small and doubles as the client reads, the next fill under way before
+// the current one ends, a bounded cost for abandoned requests, and the cap
+// on concurrent fills.
+
+const growConfig = "read_ahead 8MiB"
+
+// TestReadAheadStartsAtTwoMiBAndDoubles: a linear download's fills are
+// 2MiB, then 4MiB, then the rest up to read_ahead.
+func TestReadAheadStartsAtTwoMiBAndDoubles(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/lin.swu", 14<<20, 150)
+	g := startGateway(t, o, growConfig)
+	download(t, g, "/lin.swu", "origin.test", want, csMiss)
+	g.waitFills()
+	var got []string
+	for _, r := range o.log() {
+		got = append(got, r.rangeHeader)
+	}
+	wantRanges := []string{"bytes=0-2097151", "bytes=2097152-6291455", "bytes=6291456-14680063"}
+	if strings.Join(got, " ") != strings.Join(wantRanges, " ") {
+		t.Errorf("fills %v, want %v", got, wantRanges)
+	}
+}
+
+// TestNextFillStartsBeforeTheCurrentOneEnds: while the client reads the
+// second fill, the third is already asked for (the second is asked for
+// when the client reaches the last block of the first).
+func TestNextFillStartsBeforeTheCurrentOneEnds(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/pipe.swu", 8<<20, 151)
+	g := startGateway(t, o, growConfig)
+	release := newGate(t)
+	second := make(chan string, 1) // the first fill after the held one
+	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
+		if !strings.HasPrefix(r.Header.Get("Range"), "bytes=2097152-") {
+			if !strings.HasPrefix(r.Header.Get("Range"), "bytes=0-") {
+				select {
+				case second <- r.Header.Get("Range"):
+				default:
+				}
+			}
+			return false
+		}
+		serveRange(w, r, obj, func(w http.ResponseWriter, body []byte) {
+			w.Write(body[:3*harnessBlockSize])
+			w.(http.Flusher).Flush()
+			<-release.ch
+			w.Write(body[3*harnessBlockSize:])
+		})
+		return true
+	})
+	resp, done := getOwnConn(t, g, "/pipe.swu", "origin.test")
+	defer done()
+	defer resp.Body.Close()
+	head := make([]byte, 2<<20+2*harnessBlockSize)
+	if _, err := io.ReadFull(resp.Body, head); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case rg := <-second:
+		if rg != "bytes=6291456-8388607" {
+			t.Errorf("the third fill asked for %s", rg)
+		}
+	case <-waitCtx(t).Done():
+		t.Fatal("no third fill while the second one was still under way")
+	}
+	release.open()
+	rest, err := io.ReadAll(resp.Body)
+	if err != nil || !bytes.Equal(append(head, rest...), want) {
+		t.Fatalf("download: %v, equal %v", err, bytes.Equal(append(head, rest...), want))
+	}
+}
+
+// TestAbandonedRequestsCostAtMostTwoMiB: clients that ask for new objects
+// and hang up after the status line cost the origin at most the first
+// read-ahead each (fills under way complete, so a resume finds them). The
+// origin holds each answer after its first block until the client has hung
+// up, as a real link would: on loopback the gateway could otherwise push
+// megabytes into kernel buffers before the client's close reached it.
+func TestAbandonedRequestsCostAtMostTwoMiB(t *testing.T) {
+	o := newOrigin(t)
+	const n = 10
+	for i := range n {
+		o.add(fmt.Sprintf("/ab-%d.swu", i), 6<<20, uint64(160+i))
+	}
+	g := startGateway(t, o, growConfig)
+	for i := range n {
+		release := newGate(t)
+		o.holdAfter(harnessBlockSize, release)
+		conn, err := smallBufferDialer.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(conn, "GET /ab-%d.swu?cacheHostOrigin=origin.test HTTP/1.1\r\nHost: gw\r\n\r\n", i)
+		status, err := bufio.NewReader(conn).ReadString('\n')
+		conn.Close()
+		release.open()
+		if err != nil || !strings.Contains(status, " 200 ") {
+			t.Fatalf("status line %q: %v", status, err)
+		}
+		g.waitFills()
+	}
+	if sent, per := o.bytesSent(), int64(2<<20); sent > n*per {
+		t.Errorf("the origin sent %d bytes for %d abandoned requests: %.2f MiB each, want at most 2", sent, n, float64(sent)/n/(1<<20))
+	}
+}
+
+// smallBufferDialer connects with a 4KiB receive buffer, as a device on a
+// real link holds little in flight: on loopback the kernel would otherwise
+// take megabytes from the gateway before the client's close reaches it.
+var smallBufferDialer = net.Dialer{Control: func(network, address string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	if err != nil {
+		return err
+	}
+	return serr
+}}
+
+// TestMaxFillsQueuesFillsInOrder: with max_fills 1 a second and a third
+// miss wait for the first fill, and go upstream in the order they came.
+func TestMaxFillsQueuesFillsInOrder(t *testing.T) {
+	o := newOrigin(t)
+	paths := []string{"/q0.swu", "/q1.swu", "/q2.swu"}
+	wants := make([][]byte, len(paths))
+	for i, p := range paths {
+		wants[i] = o.add(p, 100*kib, uint64(170+i))
+	}
+	g := startGateway(t, o, "max_fills 1")
+	c := cacheOf(t, g)
+	release := newGate(t)
+	arrived := make(chan string, len(paths))
+	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
+		arrived <- r.URL.Path
+		if r.URL.Path == paths[0] {
+			<-release.ch
+		}
+		return false
+	})
+	var wg sync.WaitGroup
+	for i, p := range paths {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if code, body, _ := getWith(t, g, p); code != 200 || !bytes.Equal(body, wants[i]) {
+				t.Errorf("%s: %d, equal %v", p, code, bytes.Equal(body, wants[i]))
+			}
+		}()
+		if i == 0 {
+			if got := <-arrived; got != paths[0] {
+				t.Fatalf("first upstream request for %s", got)
+			}
+			continue
+		}
+		waitFor(t, func() bool { return c.queue.queued() == i }, "fill %d to queue", i)
+	}
+	if v := metricValue(t, g, scrape(t, g), "caddy_mcc_fills_queued"); v != 2 {
+		t.Errorf("caddy_mcc_fills_queued = %v, want 2", v)
+	}
+	select {
+	case p := <-arrived:
+		t.Fatalf("%s went upstream while max_fills was taken", p)
+	default:
+	}
+	release.open()
+	wg.Wait()
+	for _, want := range paths[1:] {
+		if got := <-arrived; got != want {
+			t.Errorf("queued fill for %s went upstream before %s", got, want)
+		}
+	}
+}
+
+// waitFor waits until cond holds: for states that have no signal of their
+// own; waitCtx bounds it.
+func waitFor(t *testing.T, cond func() bool, what string, args ...any) {
+	t.Helper()
+	ctx := waitCtx(t)
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("waiting for "+what, args...)
+		case <-time.After(time.Millisecond):
+		}
+	}
+}
