@@ -201,3 +201,42 @@ func waitFor(t *testing.T, cond func() bool, what string, args ...any) {
 		}
 	}
 }
+
+var pipelineChainConfig = testGlobals +
+	cacheSite("{{top}}", "top", "read_ahead 8MiB", toOrigin) +
+	cacheSite("{{middle}}", "middle", "read_ahead 8MiB", "reverse_proxy {{middle_parent}}") +
+	cacheSite("{{bottom}}", "bottom", "read_ahead 8MiB", "reverse_proxy 127.0.0.1:{{middle}}")
+
+// TestChainPassesTheBottomsFillsThroughUnsplit: the levels above the
+// bottom serve its fills (which name them in Via) each with one upstream
+// request of the same range, so a cold download through three levels makes
+// as many round trips to the origin as through one, and is stored at each.
+func TestChainPassesTheBottomsFillsThroughUnsplit(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/deep.swu", 14<<20, 180)
+	dir := t.TempDir()
+	ports := [3]int{freePort(t), freePort(t), freePort(t)}
+	r := strings.NewReplacer("{{admin}}", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "{{dir}}", dir,
+		"{{top}}", fmt.Sprint(ports[0]), "{{middle}}", fmt.Sprint(ports[1]), "{{bottom}}", fmt.Sprint(ports[2]),
+		"{{origin}}", o.addr(), "{{middle_parent}}", fmt.Sprintf("127.0.0.1:%d", ports[0]))
+	startCaddyfile(t, r.Replace(pipelineChainConfig))
+	ch := &chain{dir: dir}
+	resp, got := chainGet(t, fmt.Sprintf("http://127.0.0.1:%d", ports[2]), "/deep.swu")
+	if resp.StatusCode != 200 || !bytes.Equal(got, want) {
+		t.Fatalf("cold download through three levels: %d, equal %v", resp.StatusCode, bytes.Equal(got, want))
+	}
+	waitAllFills()
+	var ranges []string
+	for _, r := range o.log() {
+		ranges = append(ranges, r.rangeHeader)
+	}
+	wantRanges := []string{"bytes=0-2097151", "bytes=2097152-6291455", "bytes=6291456-14680063"}
+	if strings.Join(ranges, " ") != strings.Join(wantRanges, " ") {
+		t.Errorf("the origin was asked for %v, want the bottom's fills %v", ranges, wantRanges)
+	}
+	for _, level := range []string{"top", "middle", "bottom"} {
+		if st := ch.stats(t, level).store.Stats(); st.BytesPresent != int64(len(want)) {
+			t.Errorf("%s stores %d bytes, want the whole object", level, st.BytesPresent)
+		}
+	}
+}
