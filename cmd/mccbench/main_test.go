@@ -2,13 +2,15 @@ package main
 
 import (
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 )
 
 // TestQuickRunPrintsEveryRow runs the whole benchmark in -quick mode, so
 // the harness (servers, scenarios, checksums, table) cannot rot. It asserts
-// no timings: only that every scenario ran and nothing failed.
+// no timings: only that every scenario ran, nothing failed, and the byte
+// counts that are targets (the cold herd's, abandoned requests') are met.
 func TestQuickRunPrintsEveryRow(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds Caddy and runs nginx")
@@ -21,13 +23,16 @@ func TestQuickRunPrintsEveryRow(t *testing.T) {
 		t.Fatal(err)
 	}
 	table := out.String()
-	for _, r := range rows {
-		line := ""
+	row := func(key string) string {
 		for _, l := range strings.Split(table, "\n") {
-			if strings.HasPrefix(l, "| "+r.key+" |") {
-				line = l
+			if strings.HasPrefix(l, "| "+key+" |") {
+				return l
 			}
 		}
+		return ""
+	}
+	for _, r := range rows {
+		line := row(r.key)
 		if line == "" {
 			t.Errorf("no row %q", r.key)
 			continue
@@ -41,5 +46,12 @@ func TestQuickRunPrintsEveryRow(t *testing.T) {
 	}
 	if !strings.Contains(table, "| 4 origin bytes / object | 1.00 |") {
 		t.Errorf("the cold herd fetched more than the object from the origin:\n%s", table)
+	}
+	// Issue 11: a request abandoned after its headers costs at most 2 MiB
+	// from the origin, whatever the object's size.
+	if cells := strings.Split(row("abandon origin MiB / request"), "|"); len(cells) > 2 {
+		if v, err := strconv.ParseFloat(strings.TrimSpace(cells[2]), 64); err != nil || v > 2 {
+			t.Errorf("an abandoned request cost caddy-mcc %s MiB from the origin, want at most 2", strings.TrimSpace(cells[2]))
+		}
 	}
 }

@@ -71,12 +71,15 @@ func (c content) ReadAt(p []byte, off int64) (int, error) {
 
 // origin serves deterministic objects with ETag and Range support, with an
 // optional latency per request and bandwidth cap, and counts body bytes.
+// The bandwidth cap paces each response on its own; a cap shared by many
+// connections, as a WAN link's is, is a link's (see link.go).
 type origin struct {
 	addr      string
 	latency   atomic.Int64 // nanoseconds added before each answer
 	bandwidth int64        // bytes per second per response; 0 for none
 	sent      atomic.Int64
 	requests  atomic.Int64
+	active    atomic.Int64 // requests being answered now
 	srv       *http.Server
 }
 
@@ -93,6 +96,8 @@ func startOrigin(bandwidth int64) (*origin, error) {
 
 func (o *origin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	o.requests.Add(1)
+	o.active.Add(1)
+	defer o.active.Add(-1)
 	c, ok := objectFor(r.URL.Path)
 	if !ok {
 		http.NotFound(w, r)
