@@ -443,6 +443,11 @@ func (rq *request) stream(obj *rangestore.Object, file *os.File, rg httpRange, d
 	pos, end := rg.start, rg.start+rg.length
 	last := obj.BlockOf(end - 1)
 	for pos < end {
+		if err := rq.r.Context().Err(); err != nil {
+			// The client is gone (the server saw its connection close):
+			// no further fill starts for it.
+			return err
+		}
 		b := obj.BlockOf(pos)
 		f := rq.claim(obj, b, last)
 		if f == nil {
