@@ -40,17 +40,17 @@ func TestReadAheadStartsAtTwoMiBAndDoubles(t *testing.T) {
 }
 
 // TestNextFillStartsBeforeTheCurrentOneEnds: while the client reads the
-// second fill, the third is already asked for (the second is asked for
-// when the client reaches the last block of the first).
+// third fill, the fourth is already asked for (the second and third are
+// asked for when the client reaches the last block of the one before).
 func TestNextFillStartsBeforeTheCurrentOneEnds(t *testing.T) {
 	o := newOrigin(t)
-	want := o.add("/pipe.swu", 8<<20, 151)
+	want := o.add("/pipe.swu", 22<<20, 151)
 	g := startGateway(t, o, growConfig)
 	release := newGate(t)
 	second := make(chan string, 1) // the first fill after the held one
 	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
-		if !strings.HasPrefix(r.Header.Get("Range"), "bytes=2097152-") {
-			if !strings.HasPrefix(r.Header.Get("Range"), "bytes=0-") {
+		if !strings.HasPrefix(r.Header.Get("Range"), "bytes=6291456-") {
+			if strings.HasPrefix(r.Header.Get("Range"), "bytes=14680064-") {
 				select {
 				case second <- r.Header.Get("Range"):
 				default:
@@ -69,17 +69,17 @@ func TestNextFillStartsBeforeTheCurrentOneEnds(t *testing.T) {
 	resp, done := getOwnConn(t, g, "/pipe.swu", "origin.test")
 	defer done()
 	defer resp.Body.Close()
-	head := make([]byte, 2<<20+2*harnessBlockSize)
+	head := make([]byte, 6<<20+2*harnessBlockSize)
 	if _, err := io.ReadFull(resp.Body, head); err != nil {
 		t.Fatal(err)
 	}
 	select {
 	case rg := <-second:
-		if rg != "bytes=6291456-8388607" {
-			t.Errorf("the third fill asked for %s", rg)
+		if rg != "bytes=14680064-23068671" {
+			t.Errorf("the fourth fill asked for %s", rg)
 		}
 	case <-waitCtx(t).Done():
-		t.Fatal("no third fill while the second one was still under way")
+		t.Fatal("no fourth fill while the third one was still under way")
 	}
 	release.open()
 	rest, err := io.ReadAll(resp.Body)

@@ -32,10 +32,11 @@ type request struct {
 	// The request's read-ahead: fills it starts stay within blocks up to
 	// frontier; when the client reaches block trigger, the frontier moves
 	// on by the next window, twice as large as the last (ahead), up to
-	// ReadAhead. The second window is asked for once the client reads the
-	// last block of the first, so a request abandoned early costs little;
-	// every later one as soon as the client reads into the one before, so
-	// the next upstream request is under way while the current one is read.
+	// ReadAhead. The second and third windows are asked for once the
+	// client reads the last block of the one before, so a request
+	// abandoned early costs little; every later one as soon as the client
+	// reads into the one before, so the next upstream request is under way
+	// while the current one is read.
 	ahead, frontier, trigger int
 	// eager: the client reads all it asked for (a child gateway's fill).
 	eager bool
@@ -45,9 +46,15 @@ type request struct {
 // read-ahead frontier on.
 func (rq *request) reached(b int) {
 	if rq.frontier >= 0 && b >= rq.trigger {
+		careful := rq.ahead < 2*rq.h.startAhead && !rq.eager
 		rq.ahead = min(2*rq.ahead, rq.h.raBlocks)
 		rq.trigger = rq.frontier + 1
 		rq.frontier += rq.ahead
+		if careful {
+			// Until the client has read its first two windows, the
+			// next one waits for the last block of the one before.
+			rq.trigger = rq.frontier
+		}
 	}
 	if rq.frontier < b {
 		// The first block this request fetches, or far past all it
