@@ -175,18 +175,7 @@ func TestRemoveDotSegments(t *testing.T) {
 
 func TestLifetimeFollowsOriginThenAptDefaults(t *testing.T) {
 	h := &Handler{indexTTL: defaultIndexTTL}
-	meta := func(kv ...string) rangestore.Meta {
-		m := rangestore.Meta{Header: map[string][]string{}, Internal: map[string]string{metaStored: "1767225600"}} // 2026-01-01
-		for i := 0; i+1 < len(kv); i += 2 {
-			switch kv[i] {
-			case metaAge, metaDate:
-				m.Internal[kv[i]] = kv[i+1]
-			default:
-				m.Header[kv[i]] = append(m.Header[kv[i]], kv[i+1])
-			}
-		}
-		return m
-	}
+	meta := freshMeta
 	cases := []struct {
 		name    string
 		m       rangestore.Meta
