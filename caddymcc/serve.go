@@ -46,7 +46,7 @@ type request struct {
 // read-ahead frontier on.
 func (rq *request) reached(b int) {
 	if rq.frontier >= 0 && b >= rq.trigger {
-		careful := rq.ahead < 2*rq.h.startAhead && !rq.eager
+		careful := rq.ahead < 2*rq.h.startAhead && rq.ahead < rq.h.raBlocks && !rq.eager
 		rq.ahead = min(2*rq.ahead, rq.h.raBlocks)
 		rq.trigger = rq.frontier + 1
 		rq.frontier += rq.ahead
