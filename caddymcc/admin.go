@@ -106,6 +106,8 @@ type objectInfo struct {
 	Size         int64     `json:"size"`
 	BytesPresent int64     `json:"bytes_present"`
 	LastAccess   time.Time `json:"last_access"`
+	// Dir is the store (drive) that holds the object.
+	Dir string `json:"dir"`
 }
 
 // Paging of GET /mcc/objects.
@@ -123,14 +125,20 @@ func (adminAPI) handleObjects(w http.ResponseWriter, r *http.Request) error {
 		if key == "" {
 			return badRequest("key is required")
 		}
-		c, err := findCache(r.Context(), q.Get("dir"))
+		cs, err := findCaches(r.Context(), q.Get("dir"))
 		if err != nil {
 			return apiError(err)
 		}
-		if !c.store.Invalidate(key) {
+		deleted := 0
+		for _, c := range cs {
+			if c.store.Invalidate(key) {
+				deleted++
+			}
+		}
+		if deleted == 0 {
 			return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no object %q", key)}
 		}
-		return writeJSON(w, map[string]any{"deleted": 1})
+		return writeJSON(w, map[string]any{"deleted": deleted})
 	default:
 		return methodNotAllowed(w, r, "GET, DELETE")
 	}
@@ -153,23 +161,24 @@ func (adminAPI) handleObjects(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	c, err := findCache(r.Context(), q.Get("dir"))
+	cs, err := findCaches(r.Context(), q.Get("dir"))
 	if err != nil {
 		return apiError(err)
 	}
-	all := c.store.List()
 	page := objectList{Offset: offset, Limit: limit, Objects: []objectInfo{}}
-	for _, o := range all {
-		if !strings.HasPrefix(o.Key, prefix) {
-			continue
+	for _, c := range cs {
+		for _, o := range c.store.List() {
+			if !strings.HasPrefix(o.Key, prefix) {
+				continue
+			}
+			if page.Total >= offset && len(page.Objects) < limit {
+				origin, _, _ := strings.Cut(o.Key, "/")
+				page.Objects = append(page.Objects, objectInfo{
+					Key: o.Key, Origin: origin, Size: o.Size, BytesPresent: o.BytesPresent, LastAccess: o.LastAccess.UTC(), Dir: c.dir,
+				})
+			}
+			page.Total++
 		}
-		if page.Total >= offset && len(page.Objects) < limit {
-			origin, _, _ := strings.Cut(o.Key, "/")
-			page.Objects = append(page.Objects, objectInfo{
-				Key: o.Key, Origin: origin, Size: o.Size, BytesPresent: o.BytesPresent, LastAccess: o.LastAccess.UTC(),
-			})
-		}
-		page.Total++
 	}
 	return writeJSON(w, page)
 }
@@ -215,11 +224,15 @@ func (adminAPI) handlePurge(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	c, err := findCache(r.Context(), r.URL.Query().Get("dir"))
+	cs, err := findCaches(r.Context(), r.URL.Query().Get("dir"))
 	if err != nil {
 		return apiError(err)
 	}
-	return writeJSON(w, map[string]any{"purged": c.store.Purge(prefix)})
+	purged := 0
+	for _, c := range cs {
+		purged += c.store.Purge(prefix)
+	}
+	return writeJSON(w, map[string]any{"purged": purged})
 }
 
 func decodeBody(r *http.Request, v any, limit int64) error {

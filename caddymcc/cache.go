@@ -52,6 +52,9 @@ type cache struct {
 	revalidating *flights
 	// queue caps the fills talking to upstream at once (max_fills).
 	queue fillQueue
+	// down: the drive failed its health check and is out of service.
+	down   atomic.Bool
+	logger *zap.Logger
 	// validated holds when each object version was last confirmed current
 	// (freshness.go).
 	validated validations
@@ -85,7 +88,9 @@ func loadCache(dir string, opts rangestore.Options, logger *zap.Logger) (*cache,
 			revalidating: newFlights(),
 			validated:    validations{m: make(map[uint64]time.Time)},
 		}
+		c.logger = logger
 		opts.Log = func(msg string) { logger.Error(msg, zap.String("dir", dir)) }
+		go c.watchHealth()
 		go func() {
 			defer close(c.ready)
 			c.store, c.err = rangestore.Open(dir, opts)
@@ -210,6 +215,30 @@ func findCache(ctx context.Context, dir string) (*cache, error) {
 		return nil, ctx.Err()
 	}
 	return c, nil
+}
+
+// findCaches returns the open cache of store directory dir, or, for "",
+// every open cache in use (each drive of every mcc handler).
+func findCaches(ctx context.Context, dir string) ([]*cache, error) {
+	if dir != "" {
+		c, err := findCache(ctx, dir)
+		if err != nil {
+			return nil, err
+		}
+		return []*cache{c}, nil
+	}
+	var out []*cache
+	for _, c := range cachesInUse() {
+		if open, err := findCache(ctx, c.dir); err == nil {
+			out = append(out, open)
+		} else if ctx.Err() != nil {
+			return nil, err
+		}
+	}
+	if len(out) == 0 {
+		return nil, opError{http.StatusServiceUnavailable, errors.New("no mcc store is open")}
+	}
+	return out, nil
 }
 
 // cachesInUse returns the caches of every store directory in use, by path.

@@ -27,6 +27,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //
 //	mcc {
 //	    dir          <path>             # default: Caddy's data dir + /mcc
+//	    drive        <path> [<max_size>] # repeatable; instead of dir and max_size
 //	    max_size     <size>             # e.g. 50GiB; default: no cap
 //	    min_free     <size>             # default: 1GiB
 //	    block_size   <size>             # default: 1MiB
@@ -56,6 +57,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.Dir = d.Val()
+		case "drive":
+			args := d.RemainingArgs()
+			if len(args) < 1 || len(args) > 2 {
+				return d.ArgErr()
+			}
+			drive := Drive{Dir: args[0]}
+			if len(args) == 2 {
+				n, err := parseSize(args[1])
+				if err != nil {
+					return d.Errf("drive %s: %v", args[0], err)
+				}
+				drive.MaxSize = n
+			}
+			h.Drives = append(h.Drives, drive)
 		case "max_size", "min_free", "block_size", "read_ahead", "max_object_size":
 			name := d.Val()
 			if !d.NextArg() {

@@ -4,9 +4,9 @@
 package caddymcc
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -49,6 +49,14 @@ type Handler struct {
 	// Dir is the store directory. Default: the `mcc` folder in Caddy's
 	// data directory.
 	Dir string `json:"dir,omitempty"`
+
+	// Drives are several cache drives, each with a size cap of its own,
+	// instead of Dir and MaxSize. Objects are placed on them by a stable
+	// hash of their key weighted by the drives' sizes, so adding a drive
+	// moves as little as possible; a drive that fails its health check
+	// (gone, unwritable) is out of service and its objects become misses
+	// on the others until it passes again.
+	Drives []Drive `json:"drives,omitempty"`
 
 	// MaxSize is the most bytes of cached blocks to keep; the least
 	// recently used objects are evicted beyond it. Default: 0, no cap
@@ -125,6 +133,9 @@ type Handler struct {
 	// this node, it is refused with 508 Loop Detected. Default: 16.
 	MaxLevels int `json:"max_levels,omitempty"`
 
+	caches      []*cache  // one per drive; cache is the first
+	dirs        []string  // the drives' absolute directories
+	weights     []float64 // the drives' placement weights
 	origins     []originPattern
 	aliases     map[string]string // alias host -> canonical host
 	raBlocks    int               // ReadAhead in blocks
@@ -133,7 +144,6 @@ type Handler struct {
 	indexTTL    time.Duration
 	staleOK     time.Duration
 	cache       *cache
-	dir         string
 	logger      *zap.Logger
 }
 
@@ -229,23 +239,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MinFree != nil {
 		minFree = *h.MinFree
 	}
-	dir := h.Dir
-	if dir == "" {
-		dir = filepath.Join(caddy.AppDataDir(), "mcc")
-	}
-	dir, err := filepath.Abs(dir)
-	if err != nil {
+	if err := h.provisionDrives(minFree); err != nil {
 		return err
 	}
-	// The handler refuses objects over its own MaxObjectSize; the store's
-	// limit only has to let every configurable size through.
-	opts := rangestore.Options{BlockSize: h.BlockSize, MaxSize: h.MaxSize, MinFree: minFree, MaxObjectSize: maxObjectSizeLimit}
-	c, err := loadCache(dir, opts, h.logger)
-	if err != nil {
-		return fmt.Errorf("mcc: %w", err)
-	}
-	c.queue.setLimit(h.MaxFills)
-	h.cache, h.dir = c, dir
 	if err := h.provisionMetrics(ctx); err != nil {
 		return err
 	}
@@ -284,11 +280,13 @@ func (h *Handler) Validate() error {
 // Cleanup releases this config's use of the store; the store closes when no
 // config uses it any more.
 func (h *Handler) Cleanup() error {
-	if h.cache != nil {
-		_, err := caches.Delete(h.dir)
-		return err
+	var errs []error
+	for _, dir := range h.dirs {
+		if _, err := caches.Delete(dir); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
@@ -325,11 +323,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if v := r.Header.Values("Range"); len(v) > 1 {
 		r.Header["Range"] = v[len(v)-1:]
 	}
-	store, err := h.cache.wait(r.Context())
+	if c := h.place(tg.key); c != nil {
+		rq.c, rq.t.c = c, c
+	}
+	store, err := rq.c.wait(r.Context())
 	if err != nil && r.Context().Err() != nil {
 		return err
 	}
-	if store == nil {
+	if store == nil || rq.c.down.Load() {
 		// The store could not be opened (logged at start): still serve,
 		// without caching.
 		rq.t.answer(statusBypass)
@@ -362,8 +363,10 @@ func (h *Handler) checkLoop(r *http.Request) (levels int, reason string) {
 			if len(fields) < 2 || !strings.HasPrefix(fields[1], "mcc-") {
 				continue
 			}
-			if fields[1] == h.cache.node {
-				return levels, "forwarding loop: this request already passed through this cache (" + h.cache.node + ")"
+			for _, c := range h.caches {
+				if fields[1] == c.node {
+					return levels, "forwarding loop: this request already passed through this cache (" + c.node + ")"
+				}
 			}
 			levels++
 		}

@@ -68,6 +68,9 @@ var (
 	metricStoredObjects = prometheus.NewDesc(metricsNamespace+"stored_objects",
 		"Objects in the store.",
 		[]string{"dir"}, nil)
+	metricDriveUp = prometheus.NewDesc(metricsNamespace+"drive_up",
+		"1 while the store's drive passes its health check, 0 while it is out of service.",
+		[]string{"dir"}, nil)
 	metricMaxSize = prometheus.NewDesc(metricsNamespace+"max_size_bytes",
 		"The store's max_size; 0 for no cap.",
 		[]string{"dir"}, nil)
@@ -78,7 +81,7 @@ func (cacheMetrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		metricRequests, metricServedBytes, metricUpstreamBytes, metricFills,
 		metricFillsInFlight, metricFillsQueued, metricFillDuration, metricCollapsed, metricUncached, metricFillErrors,
-		metricEvictions, metricStoredBytes, metricStoredObjects, metricMaxSize,
+		metricEvictions, metricStoredBytes, metricStoredObjects, metricMaxSize, metricDriveUp,
 	} {
 		ch <- d
 	}
@@ -105,6 +108,11 @@ func (cacheMetrics) Collect(ch chan<- prometheus.Metric) {
 		counter(metricFills, s.fillsStarted.Load())
 		gauge(metricFillsInFlight, s.fillsInFlight.Load())
 		gauge(metricFillsQueued, int64(c.queue.queued()))
+		up := int64(1)
+		if c.down.Load() {
+			up = 0
+		}
+		gauge(metricDriveUp, up)
 		counter(metricCollapsed, s.collapsed.Load())
 		counter(metricUncached, s.uncachedStreams.Load())
 		for k := range fillError(numFillErrors) {

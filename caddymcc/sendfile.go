@@ -51,17 +51,25 @@ var spanBuffers = sync.Pool{New: func() any { return new([smallSpan]byte) }}
 
 // sendSmall copies n <= smallSpan bytes at off of r through a pooled buffer.
 func (s sender) sendSmall(r io.ReaderAt, off, n int64) error {
-	buf := spanBuffers.Get().(*[smallSpan]byte)
-	defer spanBuffers.Put(buf)
-	m, err := r.ReadAt(buf[:n], off)
-	if m == int(n) {
-		err = nil
-	}
+	buf, err := readSmall(r, off, n)
 	if err != nil {
 		return err
 	}
+	defer spanBuffers.Put(buf)
 	_, err = s.w.Write(buf[:n])
 	return err
+}
+
+// readSmall reads n <= smallSpan bytes at off of r into a pooled buffer,
+// which the caller puts back in spanBuffers.
+func readSmall(r io.ReaderAt, off, n int64) (*[smallSpan]byte, error) {
+	buf := spanBuffers.Get().(*[smallSpan]byte)
+	m, err := r.ReadAt(buf[:n], off)
+	if m == int(n) {
+		return buf, nil
+	}
+	spanBuffers.Put(buf)
+	return nil, err
 }
 
 // send copies n bytes at off of f to the response.

@@ -103,6 +103,10 @@ func (rq *request) serve() error {
 			if detail, ok := isPassThrough(err); ok {
 				return rq.passThrough(detail)
 			}
+			if storeIOError(err) {
+				// The drive fails under the object: serve it uncached.
+				return rq.passThrough("store-error")
+			}
 			return rq.upstreamError(err)
 		}
 		sent, err := rq.respond(obj, learned, note)
@@ -114,6 +118,9 @@ func (rq *request) serve() error {
 			// The object changed upstream before anything was sent:
 			// start over on the new version.
 			continue
+		case !sent && storeIOError(err):
+			// The drive fails under the object: serve it uncached.
+			return rq.passThrough("store-error")
 		case !sent:
 			return rq.upstreamError(err)
 		}
@@ -315,24 +322,35 @@ func (rq *request) respond(obj *rangestore.Object, learned *fill, note string) (
 		code = http.StatusPartialContent
 		hdr.Set("Content-Range", rg.contentRange(meta.Length))
 	}
-	rq.w.WriteHeader(code)
-	if rq.r.Method == http.MethodHead || rg.length == 0 {
-		return true, nil
-	}
-	if present && rg.length <= smallSpan {
+	// The bytes' source is taken before the status line, so that a drive
+	// failing under the object still gets a clean pass-through.
+	body := rq.r.Method != http.MethodHead && rg.length > 0
+	var small *[smallSpan]byte
+	var file *os.File
+	switch {
+	case body && present && rg.length <= smallSpan:
 		// Small hits read through the object's shared descriptor.
-		err := newSender(rq.w, rq.r).sendSmall(obj, rg.start, rg.length)
+		if small, err = readSmall(obj, rg.start, rg.length); err != nil {
+			return false, err
+		}
+		defer spanBuffers.Put(small)
+	case body:
+		if file, err = obj.Open(); err != nil {
+			return false, err
+		}
+		defer file.Close()
+	}
+	rq.w.WriteHeader(code)
+	switch {
+	case !body:
+		return true, nil
+	case small != nil:
+		_, err := rq.w.Write(small[:rg.length])
 		if err == nil {
 			rq.t.sentHit(rg.length)
 		}
 		return true, err
-	}
-	file, err := obj.Open()
-	if err != nil {
-		return true, err
-	}
-	defer file.Close()
-	if present {
+	case present:
 		err := newSender(rq.w, rq.r).send(file, rg.start, rg.length)
 		if err == nil {
 			rq.t.sentHit(rg.length)

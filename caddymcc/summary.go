@@ -124,6 +124,39 @@ type summary struct {
 	FillsInFlight  int64 `json:"fills_in_flight"`
 	UpstreamErrors int64 `json:"upstream_errors"`
 	UpstreamBytes  int64 `json:"upstream_bytes"`
+
+	// Drives lists every store in use (each drive of every mcc handler).
+	Drives []driveSummary `json:"drives"`
+}
+
+// driveSummary is one store of the summary's drive list.
+type driveSummary struct {
+	Dir         string `json:"dir"`
+	Up          bool   `json:"up"`
+	Objects     int    `json:"objects"`
+	BytesOnDisk int64  `json:"bytes_on_disk"`
+	MaxSize     int64  `json:"max_size"`
+	byteSummary
+}
+
+// drives summarises every open store in use.
+func drives() []driveSummary {
+	out := []driveSummary{}
+	for _, c := range cachesInUse() {
+		select {
+		case <-c.ready:
+		default:
+			continue
+		}
+		d := driveSummary{Dir: c.dir, Up: !c.down.Load() && c.store != nil,
+			byteSummary: newByteSummary(c.stats.hitBytes.Load(), c.stats.missBytes.Load())}
+		if c.store != nil {
+			st := c.store.Stats()
+			d.Objects, d.BytesOnDisk, d.MaxSize = st.Objects, st.BytesPresent, st.MaxSize
+		}
+		out = append(out, d)
+	}
+	return out
 }
 
 // byteSummary are MCC's byte counts.
@@ -175,6 +208,7 @@ func (c *cache) summary(now time.Time) summary {
 		FillsInFlight:  c.stats.fillsInFlight.Load(),
 		UpstreamErrors: t.UpstreamErrors,
 		UpstreamBytes:  t.UpstreamBytes,
+		Drives:         drives(),
 	}
 }
 

@@ -15,14 +15,15 @@ import (
 )
 
 // A download whose blocks the store cannot take (the disk budget is full
-// of objects in use, or the object was purged while it was read) goes on
-// uncached: the rest of its range comes from one upstream request of its
+// of objects in use, the object was purged while it was read, or its drive
+// fails) goes on uncached: the rest of its range comes from one upstream request of its
 // own, relayed to the client as it arrives, checked to be the same version.
 
 // storeRefused reports whether a fill failed because the store would not
-// take its bytes, not because of the upstream.
+// take its bytes (its budget, a purge, or its drive failing), not because
+// of the upstream.
 func storeRefused(err error) bool {
-	return errors.Is(err, rangestore.ErrNoSpace) || errors.Is(err, rangestore.ErrGone)
+	return errors.Is(err, rangestore.ErrNoSpace) || errors.Is(err, rangestore.ErrGone) || storeIOError(err)
 }
 
 // streamUncached sends bytes [pos, end) of obj from upstream straight to

@@ -1,9 +1,11 @@
 package rangestore
 
 import (
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -276,7 +278,9 @@ func (o *Object) WriteBlock(i int) (*BlockWriter, error) {
 }
 
 func createSparse(path string, length int64) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	// Only the fan-out directory: a store directory that went away (its
+	// mount disappeared) must not be made anew on whatever is under it.
+	if err := os.Mkdir(filepath.Dir(path), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 		return fmt.Errorf("rangestore: %w", noSpace(err))
 	}
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o644)
