@@ -167,6 +167,18 @@ func caddyfileFromEnv(env map[string]string, o mccEnvOptions) (string, error) {
 	}
 	b.WriteString("\t}\n")
 
+	writeUpstream(b, parent, proxy, ported)
+	b.WriteString("}\n\n")
+
+	writeSummarySite(b, summarySite, public, unrestricted, key)
+	return b.String(), nil
+}
+
+// writeUpstream writes the content site's reverse_proxy: to parent when
+// set (UPSTREAM_HOST), else to the origin the request names (with the
+// origins that have a port of their own dialled there), through proxy
+// when set (UPSTREAM_PROXY).
+func writeUpstream(b *strings.Builder, parent, proxy string, ported []customOrigin) {
 	transport := ""
 	if proxy != "" {
 		transport = "\t\ttransport http {\n\t\t\tnetwork_proxy url " + proxy + "\n\t\t}\n"
@@ -189,9 +201,12 @@ func caddyfileFromEnv(env map[string]string, o mccEnvOptions) (string, error) {
 		}
 		fmt.Fprintf(b, "\treverse_proxy {http.mcc.origin_host}:80 {\n%s\t}\n", toOrigin)
 	}
-	b.WriteString("}\n\n")
+}
 
-	b.WriteString(summarySite + "\troute /summary {\n")
+// writeSummarySite writes the summary's site: loopback only, beyond it
+// with the API key (public), or open to the network (unrestricted).
+func writeSummarySite(b *strings.Builder, site string, public, unrestricted bool, key string) {
+	b.WriteString(site + "\troute /summary {\n")
 	switch {
 	case unrestricted:
 		b.WriteString("\t\t# IS_SUMMARY_ACCESS_UNRESTRICTED: anyone on the network.\n")
@@ -204,7 +219,6 @@ func caddyfileFromEnv(env map[string]string, o mccEnvOptions) (string, error) {
 		b.WriteString("\t\trespond @refused \"caddy-mcc: the summary is for the gateway itself (IS_SUMMARY_PUBLIC, IS_SUMMARY_ACCESS_UNRESTRICTED)\" 403\n")
 	}
 	b.WriteString("\t\tmcc_summary\n\t}\n\trespond \"caddy-mcc: the summary is at /summary\" 404\n}\n")
-	return b.String(), nil
 }
 
 var (

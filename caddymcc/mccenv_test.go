@@ -2,6 +2,7 @@ package caddymcc
 
 import (
 	"errors"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -153,6 +154,14 @@ func TestCaddyfileFromEnvSeveralDrives(t *testing.T) {
 	want := "\tmcc {\n\t\tdrive " + root + "/cache1 100GiB\n\t\tdrive " + root + "/cache2 20GiB\n\t\tdrive " + root + "/cache3 30GiB\n\t}\n"
 	if !strings.Contains(got, want) || strings.Contains(got, "max_size") || strings.Contains(got, "\tdir ") {
 		t.Fatalf("want %q in\n%s", want, got)
+	}
+	// The handler takes the drives as they are.
+	var h Handler
+	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(want[1:])); err != nil {
+		t.Fatalf("the mcc block does not parse: %v", err)
+	}
+	if len(h.Drives) != 3 || h.Drives[0] != (Drive{Dir: root + "/cache1", MaxSize: 100 << 30}) || h.Drives[2].MaxSize != 30<<30 {
+		t.Errorf("drives parsed as %+v", h.Drives)
 	}
 }
 
