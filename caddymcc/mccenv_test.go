@@ -2,12 +2,13 @@ package caddymcc
 
 import (
 	"errors"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // driveRoot makes a drive root with cache1..cacheN bound, as the container
