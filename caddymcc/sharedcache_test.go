@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -417,5 +419,52 @@ func TestMirrorsWithOwnETagsNeverCutOrDrop(t *testing.T) {
 		t.Errorf("third download through the mirror: Cache-Status %q, want a hit on the kept copy", resp.Header.Get("Cache-Status"))
 	} else {
 		readAll(t, resp)
+	}
+}
+
+// TestPassThroughOfAStalledUpstreamEnds: a passed-through request once
+// waited for a stalled upstream forever; it gets 504 after fill_timeout.
+func TestPassThroughOfAStalledUpstreamEnds(t *testing.T) {
+	o := newOrigin(t)
+	o.add("/stall.swu", 100*kib, 190)
+	release := newGate(t)
+	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
+		<-release.ch
+		return false
+	})
+	g := startGateway(t, o, "fill_timeout 1s")
+	req, _ := http.NewRequestWithContext(waitCtx(t), http.MethodGet, g.url+"/stall.swu?cacheHostOrigin=origin.test", nil)
+	req.Header.Set("Authorization", "Bearer x")
+	resp, err := testClient.Do(req)
+	if err != nil {
+		t.Fatalf("a pass-through to a stalled upstream: %v", err)
+	}
+	readAll(t, resp)
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		t.Errorf("status %d, want 504", resp.StatusCode)
+	}
+}
+
+// TestStoreErrorPassThroughCarriesOnlyTheUpstreamsHeaders: when a stored
+// version's file is gone under a hit, the request is passed through; the
+// stored version's ETag and length once stayed in the answer beside the
+// upstream's (the hostile-upstream soak found v1's bytes under v0's ETag).
+func TestStoreErrorPassThroughCarriesOnlyTheUpstreamsHeaders(t *testing.T) {
+	o := newOrigin(t)
+	o.add("/moved.swu", 300*kib, 191)
+	g := startGateway(t, o, "")
+	readAll(t, g.get("/moved.swu", "origin.test"))
+	g.waitFills()
+	newer := o.add("/moved.swu", 200*kib, 192)
+	if err := os.Rename(filepath.Join(g.storeDir(), "data"), filepath.Join(g.storeDir(), "data.away")); err != nil {
+		t.Fatal(err)
+	}
+	resp := g.get("/moved.swu", "origin.test")
+	body := readAll(t, resp)
+	if !bytes.Equal(body, newer) || resp.Header.Values("Etag")[0] != fmt.Sprintf(`"%x-%d"`, 192, len(newer)) || len(resp.Header.Values("Etag")) != 1 {
+		t.Errorf("Etag %q, Content-Length %q, %d bytes, equal %v; want only the upstream's", resp.Header.Values("Etag"), resp.Header.Values("Content-Length"), len(body), bytes.Equal(body, newer))
+	}
+	if cs := resp.Header.Get("Cache-Status"); cs != "caddy-mcc; fwd=bypass; detail=store-error" {
+		t.Errorf("Cache-Status %q", cs)
 	}
 }

@@ -1,9 +1,14 @@
 package caddymcc
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/caddy-mcc/caddy-mcc/rangestore"
 )
@@ -39,14 +44,68 @@ var (
 )
 
 // passThrough sends the client's own request upstream and relays the
-// answer as it comes, uncached.
+// answer as it comes, uncached. An upstream that sends nothing for
+// fill_timeout is given up, as a fill's is: 504 before the status line,
+// a cut connection after it.
 func (rq *request) passThrough(detail string) error {
 	rq.t.answer(statusBypass)
-	rq.w.Header().Set("Cache-Status", rq.h.Name+"; fwd=bypass; detail="+detail)
+	hdr := rq.w.Header()
+	for k := range hdr {
+		// Entity headers of a stored version set before the store failed
+		// under it are not this answer's.
+		delete(hdr, k)
+	}
+	hdr.Set("Cache-Status", rq.h.Name+"; fwd=bypass; detail="+detail)
 	// Our mark for loop detection upstream (see Handler.checkLoop).
 	rq.r.Header.Add("Via", "1.1 "+rq.c.node)
-	return rq.next.ServeHTTP(rq.w, rq.r)
+	ctx, cancel := context.WithCancel(rq.r.Context())
+	defer cancel()
+	iw := &idleWriter{ResponseWriter: rq.w, timeout: rq.h.fillTimeout}
+	iw.timer = time.AfterFunc(iw.timeout, func() {
+		iw.timedOut.Store(true)
+		cancel()
+	})
+	err := rq.next.ServeHTTP(iw, rq.r.WithContext(ctx))
+	iw.timer.Stop()
+	switch {
+	case !iw.timedOut.Load():
+		return err
+	case iw.wrote.Load():
+		panic(http.ErrAbortHandler)
+	}
+	return caddyhttp.Error(http.StatusGatewayTimeout, errFillIdle)
 }
+
+// idleWriter passes an answer through, resetting its idle timer on every
+// write.
+type idleWriter struct {
+	http.ResponseWriter
+	timeout  time.Duration
+	timer    *time.Timer
+	timedOut atomic.Bool
+	wrote    atomic.Bool
+}
+
+func (w *idleWriter) WriteHeader(code int) {
+	if w.timedOut.Load() {
+		return // reverse_proxy's own status for the cancelled request
+	}
+	w.wrote.Store(true)
+	w.timer.Reset(w.timeout)
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *idleWriter) Write(p []byte) (int, error) {
+	if w.timedOut.Load() {
+		return 0, errFillIdle
+	}
+	w.wrote.Store(true)
+	w.timer.Reset(w.timeout)
+	return w.ResponseWriter.Write(p)
+}
+
+// Unwrap lets http.ResponseController reach the client's writer (Flush).
+func (w *idleWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // hasCredentials reports whether r carries credentials a shared cache must
 // not answer for others with.
