@@ -584,6 +584,10 @@ func hostileUpstream(t *testing.T) {
 						mu.Lock()
 						failures = append(failures, fmt.Sprintf("GET %s Range %q: no answer in 60 s", p, rg))
 						mu.Unlock()
+						if p := os.Getenv("MCC_STACKS"); p != "" {
+							// Where the request hung, for whoever investigates.
+							os.WriteFile(p, allStacks(), 0o644)
+						}
 					}
 					note("transport-error")
 					continue
@@ -655,4 +659,10 @@ func hostileUpstream(t *testing.T) {
 		c.stats.fillsStarted.Load(), c.stats.upstreamErrors.Load())
 	t.Logf("heap in use: %d MiB before, peak %d MiB, %d MiB after; goroutines %d -> %d; descriptors %d -> %d",
 		base.heap>>20, peak>>20, heap>>20, base.goroutines, goroutines, base.fds, fds)
+}
+
+// allStacks returns every goroutine's stack, to see where a request hung.
+func allStacks() []byte {
+	buf := make([]byte, 1<<22)
+	return buf[:runtime.Stack(buf, true)]
 }
