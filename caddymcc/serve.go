@@ -118,6 +118,10 @@ func (rq *request) serve() error {
 			// The object changed upstream before anything was sent:
 			// start over on the new version.
 			continue
+		case !sent && storeIOError(err) && attempt < 2:
+			// Its data file went away (evicted or invalidated since the
+			// lookup): look it up again.
+			continue
 		case !sent && storeIOError(err):
 			// The drive fails under the object: serve it uncached.
 			return rq.passThrough("store-error")
