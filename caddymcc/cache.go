@@ -40,6 +40,10 @@ type cache struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
 	running sync.WaitGroup // fills in flight
+	// closing is set (under closeMu) when Destruct begins: fills started
+	// after it are not waited for (their context has ended).
+	closeMu sync.Mutex
+	closing bool
 	stats   counters
 
 	// claims holds the fill fetching each missing block of a stored
@@ -143,6 +147,9 @@ func (c *cache) wait(ctx context.Context) (*rangestore.Store, error) {
 // Destruct stops the fills and closes the store, once the last config using
 // it is gone.
 func (c *cache) Destruct() error {
+	c.closeMu.Lock()
+	c.closing = true
+	c.closeMu.Unlock()
 	c.cancel()
 	c.running.Wait()
 	// The lifetime counters' last save goes into the store directory.
@@ -256,3 +263,15 @@ func cachesInUse() []*cache {
 
 // Interface guards
 var _ caddy.Destructor = (*cache)(nil)
+
+// track counts a fill starting in running, unless the cache is being
+// destructed: Destruct's Wait must not see an Add after it began.
+func (c *cache) track() bool {
+	c.closeMu.Lock()
+	defer c.closeMu.Unlock()
+	if c.closing {
+		return false
+	}
+	c.running.Add(1)
+	return true
+}

@@ -32,6 +32,9 @@ type fill struct {
 	origin string
 	learn  bool          // started for an object not yet in the store
 	by     *http.Request // the client request that started it
+	// tracked: counted in the cache's running fills (not when it started
+	// while the cache was being destructed).
+	tracked bool
 
 	// first and last are the planned blocks; the Range sent upstream.
 	first, last int
@@ -231,7 +234,7 @@ func (rq *request) startFill(obj *rangestore.Object, first, last int, cond http.
 		// The fill needs its own handle: the client may close its own first.
 		held = obj.Dup()
 	}
-	c.running.Add(1)
+	f.tracked = c.track()
 	c.stats.fillsStarted.Add(1)
 	c.stats.fillsInFlight.Add(1)
 	go f.run(rq.h, fr, cancel, rq.next, held)
@@ -298,7 +301,9 @@ func (rq *request) subrequest(obj *rangestore.Object, start, end int64) (*http.R
 
 // run performs the fill and settles it.
 func (f *fill) run(h *Handler, fr *http.Request, cancel context.CancelFunc, next caddyhttp.Handler, obj *rangestore.Object) {
-	defer f.c.running.Done()
+	if f.tracked {
+		defer f.c.running.Done()
+	}
 	defer f.c.stats.fillsInFlight.Add(-1)
 	defer cancel()
 	began := time.Now()
