@@ -8,8 +8,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-
-	"github.com/caddyserver/caddy/v2"
 )
 
 // Tests in this file pin several cache drives (drives.go).
@@ -56,17 +54,11 @@ func TestPlacementIsWeightedAndMovesLittle(t *testing.T) {
 	}
 }
 
-// drivesConfig is the harness gateway with two drives, weighted 3:1.
+// startDrivesGateway starts the harness gateway with two drives, weighted
+// 3:1.
 func startDrivesGateway(t *testing.T, o *testOrigin) *gateway {
 	t.Helper()
-	g := &gateway{t: t, dir: t.TempDir(), adminAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
-	port := freePort(t)
-	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
-	cfg := strings.Replace(gatewayConfig, "dir {{dir}}/store", "drive {{dir}}/d1 3GiB\n\t\tdrive {{dir}}/d2 1GiB", 1)
-	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "")
-	g.load(adapt(t, r.Replace(cfg)))
-	t.Cleanup(func() { caddy.Stop() })
-	return g
+	return startGatewayFrom(t, o, strings.Replace(gatewayConfig, "dir {{dir}}/store", "drive {{dir}}/d1 3GiB\n\t\tdrive {{dir}}/d2 1GiB", 1))
 }
 
 func TestTwoDrivesShareObjectsAndALostDriveFailsNoRequest(t *testing.T) {

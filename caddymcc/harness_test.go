@@ -187,14 +187,23 @@ const gatewayConfig = testGlobals + `http://:{{port}} {
 }
 `
 
-// startGateway loads a Caddy config built from gatewayConfig. Caddy is
-// process-global, so gateway tests do not run in parallel.
+// startGateway loads a Caddy config built from gatewayConfig, with extra
+// lines in the mcc block. Caddy is process-global, so gateway tests do not
+// run in parallel.
 func startGateway(t *testing.T, o *testOrigin, extra string) *gateway {
+	t.Helper()
+	return startGatewayFrom(t, o, strings.Replace(gatewayConfig, "{{extra}}", "\n\t\t"+extra, 1))
+}
+
+// startGatewayFrom is startGateway for a config text of gatewayConfig's
+// form (its placeholders) that a test changed.
+func startGatewayFrom(t *testing.T, o *testOrigin, text string) *gateway {
 	t.Helper()
 	g := &gateway{t: t, dir: t.TempDir(), adminAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
 	port := freePort(t)
 	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
-	g.load(g.config(o, port, extra))
+	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "")
+	g.load(adapt(t, r.Replace(text)))
 	t.Cleanup(func() {
 		if err := caddy.Stop(); err != nil {
 			t.Errorf("stopping caddy: %v", err)

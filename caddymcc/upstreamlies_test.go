@@ -115,17 +115,12 @@ func TestPanickingUpstreamHandlerFailsOnlyItsFill(t *testing.T) {
 	o := newOrigin(t)
 	o.add("/panic/a.swu", 100*kib, 92)
 	want := o.add("/ok/b.swu", 100*kib, 93)
-	g := &gateway{t: t, dir: t.TempDir(), adminAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
-	port := freePort(t)
-	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
 	// route keeps the order as written: mcc, then the panicking handler
 	// that its fills pass through.
 	cfg := strings.Replace(gatewayConfig, "\tmcc {", "\troute {\n\tmcc {", 1)
 	cfg = strings.Replace(cfg, "\treverse_proxy {{origin}} {", "\tmcc_test_panic\n\treverse_proxy {{origin}} {", 1)
 	cfg = strings.Replace(cfg, "\t\theader_up Host {http.mcc.origin_host}\n\t}\n", "\t\theader_up Host {http.mcc.origin_host}\n\t}\n\t}\n", 1)
-	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "")
-	g.load(adapt(t, r.Replace(cfg)))
-	t.Cleanup(func() { caddy.Stop() })
+	g := startGatewayFrom(t, o, cfg)
 
 	for i := 0; i < 3; i++ {
 		resp := g.get("/panic/a.swu", "origin.test")
@@ -144,14 +139,9 @@ func TestPanickingUpstreamHandlerFailsOnlyItsFill(t *testing.T) {
 // with what recovery did (issue 10, point 13).
 func TestStoreOpenLogsRecoveryInOneLine(t *testing.T) {
 	o := newOrigin(t)
-	g := &gateway{t: t, dir: t.TempDir(), adminAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
-	port := freePort(t)
-	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
+	cfg := strings.Replace(gatewayConfig, "\tlog {\n\t\tlevel ERROR\n\t}", "\tlog {\n\t\toutput file {{dir}}/caddy.log\n\t\tformat json\n\t\tlevel INFO\n\t}", 1)
+	g := startGatewayFrom(t, o, cfg)
 	logFile := filepath.Join(g.dir, "caddy.log")
-	cfg := strings.Replace(gatewayConfig, "\tlog {\n\t\tlevel ERROR\n\t}", "\tlog {\n\t\toutput file "+logFile+"\n\t\tformat json\n\t\tlevel INFO\n\t}", 1)
-	r := strings.NewReplacer("{{admin}}", g.adminAddr, "{{dir}}", g.dir, "{{port}}", fmt.Sprint(port), "{{origin}}", o.addr(), "{{extra}}", "")
-	g.load(adapt(t, r.Replace(cfg)))
-	t.Cleanup(func() { caddy.Stop() })
 	cacheOf(t, g)
 	b, err := os.ReadFile(logFile)
 	if err != nil {
