@@ -30,7 +30,6 @@ type fill struct {
 	c      *cache
 	key    string
 	origin string
-	learn  bool          // started for an object not yet in the store
 	by     *http.Request // the client request that started it
 	// tracked: counted in the cache's running fills (not when it started
 	// while the cache was being destructed).
@@ -218,7 +217,6 @@ func (rq *request) startFill(obj *rangestore.Object, first, last int, cond http.
 		c:      c,
 		key:    rq.key,
 		origin: rq.origin,
-		learn:  obj == nil,
 		by:     rq.r,
 		first:  first,
 		last:   last,
