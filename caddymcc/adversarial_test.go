@@ -577,23 +577,31 @@ func hostileUpstream(t *testing.T) {
 				if rg != "" {
 					req.Header.Set("Range", rg)
 				}
+				// Where a request hangs, for whoever investigates: every
+				// stack while it still hangs, before the client gives up.
+				dump := time.AfterFunc(stackDelay(), func() {
+					if file := os.Getenv("MCC_STACKS"); file != "" {
+						if err := os.WriteFile(file, allStacks(), 0o644); err != nil {
+							t.Logf("writing the stacks: %v", err)
+						}
+						t.Logf("%s GET %s Range %q: no answer yet; every stack in %s", time.Now().Format(time.TimeOnly), p, rg, file)
+					}
+				})
 				resp, err := client.Do(req)
 				if err != nil {
+					dump.Stop()
 					cancel()
 					if ctx.Err() != nil {
 						mu.Lock()
 						failures = append(failures, fmt.Sprintf("GET %s Range %q: no answer in 60 s", p, rg))
 						mu.Unlock()
-						if p := os.Getenv("MCC_STACKS"); p != "" {
-							// Where the request hung, for whoever investigates.
-							os.WriteFile(p, allStacks(), 0o644)
-						}
 					}
 					note("transport-error")
 					continue
 				}
 				body, err := io.ReadAll(resp.Body)
 				resp.Body.Close()
+				dump.Stop()
 				cancel()
 				switch {
 				case errors.Is(err, context.DeadlineExceeded):
@@ -659,6 +667,15 @@ func hostileUpstream(t *testing.T) {
 		c.stats.fillsStarted.Load(), c.stats.upstreamErrors.Load())
 	t.Logf("heap in use: %d MiB before, peak %d MiB, %d MiB after; goroutines %d -> %d; descriptors %d -> %d",
 		base.heap>>20, peak>>20, heap>>20, base.goroutines, goroutines, base.fds, fds)
+}
+
+// stackDelay is how long a soak request hangs before every stack is
+// written to $MCC_STACKS.
+func stackDelay() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv("MCC_STACKS_AFTER")); err == nil {
+		return d
+	}
+	return 45 * time.Second
 }
 
 // allStacks returns every goroutine's stack, to see where a request hung.

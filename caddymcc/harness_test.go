@@ -40,6 +40,11 @@ type testOrigin struct {
 	requests []originRequest
 	sent     int64 // body bytes written
 	hook     func(w http.ResponseWriter, r *http.Request, obj *originObject) bool
+	// serving counts handlers running; quiet is closed while there are
+	// none (a handler's last bytes can reach the gateway before its Write
+	// returns and counts them).
+	serving int
+	quiet   chan struct{}
 }
 
 type originObject struct {
@@ -55,7 +60,8 @@ type originRequest struct {
 }
 
 func newOrigin(t *testing.T) *testOrigin {
-	o := &testOrigin{t: t, objects: make(map[string]*originObject)}
+	o := &testOrigin{t: t, objects: make(map[string]*originObject), quiet: make(chan struct{})}
+	close(o.quiet)
 	o.srv = httptest.NewServer(http.HandlerFunc(o.serve))
 	t.Cleanup(o.srv.Close)
 	return o
@@ -98,6 +104,16 @@ func (o *testOrigin) setHook(h func(w http.ResponseWriter, r *http.Request, obj 
 
 func (o *testOrigin) serve(w http.ResponseWriter, r *http.Request) {
 	o.mu.Lock()
+	if o.serving++; o.serving == 1 {
+		o.quiet = make(chan struct{})
+	}
+	defer func() {
+		o.mu.Lock()
+		if o.serving--; o.serving == 0 {
+			close(o.quiet)
+		}
+		o.mu.Unlock()
+	}()
 	obj := o.objects[r.URL.Path]
 	o.requests = append(o.requests, originRequest{r.URL.Path, r.URL.RawQuery, r.Header.Get("Range"), r.Host, r.Header.Clone()})
 	hook := o.hook
@@ -124,6 +140,14 @@ func (o *testOrigin) serve(w http.ResponseWriter, r *http.Request) {
 func (o *testOrigin) bytesSent() int64 {
 	waitAllFills()
 	o.mu.Lock()
+	quiet := o.quiet
+	o.mu.Unlock()
+	select {
+	case <-quiet:
+	case <-waitCtx(o.t).Done():
+		o.t.Errorf("origin handlers still running")
+	}
+	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.sent
 }
@@ -132,6 +156,16 @@ func (o *testOrigin) log() []originRequest {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return append([]originRequest(nil), o.requests...)
+}
+
+// ranges returns the Range headers of the requests the origin got, in
+// order, separated by spaces.
+func (o *testOrigin) ranges() string {
+	var rs []string
+	for _, r := range o.log() {
+		rs = append(rs, r.rangeHeader)
+	}
+	return strings.Join(rs, " ")
 }
 
 type countingWriter struct {

@@ -177,6 +177,8 @@ const (
 // Provision sets defaults and opens (or shares) the store.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	// The read-ahead watches each client's acknowledgements.
+	registerConn(ctx)
 	if h.BlockSize == 0 {
 		h.BlockSize = rangestore.DefaultBlockSize
 	}
@@ -338,6 +340,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return next.ServeHTTP(w, r)
 	}
 	rq.store = store
+	defer func() { rq.reading.unlimit() }()
 	return rq.serve()
 }
 

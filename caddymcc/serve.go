@@ -30,22 +30,43 @@ type request struct {
 	target
 	t tally
 	// The request's read-ahead: fills it starts stay within blocks up to
-	// frontier; when the client reaches block trigger, the frontier moves
-	// on by the next window, twice as large as the last (ahead), up to
-	// ReadAhead. The second and third windows are asked for once the
-	// client reads the last block of the one before, so a request
-	// abandoned early costs little; every later one as soon as the client
-	// reads into the one before, so the next upstream request is under way
-	// while the current one is read.
+	// frontier. Until the client shows that it reads what it is sent,
+	// each window (ahead blocks, from startReadAhead) is asked for only
+	// when the client passes the one before, so a request abandoned after
+	// its status line costs one window. A client shows it reads by the
+	// acknowledgements of its TCP stack (reading, readProof); where the
+	// connection cannot tell, by reading its first windows, which then
+	// double. Then, eager, each next window of ReadAhead is asked for as
+	// soon as the client reaches block trigger, in the window before, so
+	// the next upstream request is under way while the current one is
+	// read.
 	ahead, frontier, trigger int
-	// eager: the client reads all it asked for (a child gateway's fill).
+	// eager: the client reads what it is sent (proven, or a child
+	// gateway's fill).
 	eager bool
+	// reading: what the client's TCP stack acknowledged, when it tells
+	// (probed: looked for).
+	reading *reading
+	probed  bool
 }
 
 // reached records that the client reached block b and moves the
-// read-ahead frontier on.
+// read-ahead frontier on. It is first called before any byte of the
+// answer is written.
 func (rq *request) reached(b int) {
-	if rq.frontier >= 0 && b >= rq.trigger {
+	if !rq.probed {
+		rq.probed = true
+		if !rq.eager {
+			rq.reading = readingOf(rq.r)
+		}
+	}
+	if !rq.eager && rq.reading != nil && rq.reading.took(readProof) {
+		// The client reads: the full read-ahead from here on.
+		rq.eager, rq.ahead = true, rq.h.raBlocks
+		rq.trigger = min(rq.trigger, b)
+		rq.reading.unlimit()
+	}
+	if rq.frontier >= 0 && b >= rq.trigger && (rq.eager || rq.reading == nil) {
 		careful := rq.ahead < 2*rq.h.startAhead && rq.ahead < rq.h.raBlocks && !rq.eager
 		rq.ahead = min(2*rq.ahead, rq.h.raBlocks)
 		rq.trigger = rq.frontier + 1
@@ -57,8 +78,8 @@ func (rq *request) reached(b int) {
 		}
 	}
 	if rq.frontier < b {
-		// The first block this request fetches, or far past all it
-		// fetched so far: a first window from here.
+		// The first block this request fetches, or past all it fetched
+		// so far: a window from here.
 		rq.frontier = b + rq.ahead - 1
 		rq.trigger = rq.frontier
 		if rq.eager {
