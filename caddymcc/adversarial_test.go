@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -548,7 +549,7 @@ func hostileUpstream(t *testing.T) {
 
 	duration, budget := 3*time.Second, 400
 	if *soakFor > 0 {
-		duration, budget = *soakFor, 1<<62
+		duration, budget = *soakFor, math.MaxInt
 	}
 	var (
 		mu       sync.Mutex
