@@ -71,6 +71,7 @@ func (b *bench) scenarioWAN() error {
 func coldDownloads(s *server, names []string) (float64, error) {
 	var wg sync.WaitGroup
 	sums, ns, errs := make([]string, len(names)), make([]int64, len(names)), make([]error, len(names))
+	quiesce()
 	t0 := time.Now()
 	for i, name := range names {
 		wg.Add(1)
