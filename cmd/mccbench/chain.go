@@ -38,11 +38,12 @@ type hierarchy struct {
 	links  []*link
 }
 
-// startHierarchy starts the levels top first; start runs one level named
-// name whose misses go to parent (host:port).
-func (b *bench) startHierarchy(kind string, start func(name, parent string) (*server, error)) (*hierarchy, error) {
+// startHierarchy starts the levels top first, the top's misses going to
+// origin (host:port); start runs one level named name whose misses go to
+// parent.
+func (b *bench) startHierarchy(kind, origin string, start func(name, parent string) (*server, error)) (*hierarchy, error) {
 	h := &hierarchy{}
-	parent := b.origin.addr
+	parent := origin
 	for _, level := range []string{"top", "middle", "bottom"} {
 		s, err := start("chain-"+kind+"-"+level, parent)
 		if err != nil {
@@ -73,25 +74,39 @@ func (h *hierarchy) stop() {
 	}
 }
 
+// startChains starts a caddy-mcc and an nginx slice hierarchy whose tops
+// reach the origin at origin; kind names them apart.
+func (b *bench) startChains(kind, origin string) (mcc, slice *hierarchy, err error) {
+	mcc, err = b.startHierarchy(kind+"-mcc", origin, func(name, parent string) (*server, error) {
+		level := name[strings.LastIndex(name, "-")+1:]
+		cfg := strings.ReplaceAll(caddyMCCLevelConfig, "{{name}}", level)
+		return startCaddy(name, b.caddyBin, cfg, b.base, parent, chainQuery)
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	slice, err = b.startHierarchy(kind+"-slice", origin, func(name, parent string) (*server, error) {
+		return startNginx(name, b.nginxBin, nginxSliceConfig, b.base, parent)
+	})
+	if err != nil {
+		mcc.stop()
+		return nil, nil, err
+	}
+	return mcc, slice, nil
+}
+
+const chainQuery = "?cacheHostOrigin=origin.bench"
+
 // scenarioChain: one device downloads a new object through three caddy-mcc
 // levels, through three nginx slice levels, and straight from the origin,
 // with the origin 20 ms away and 2 ms per hop between levels.
 func (b *bench) scenarioChain() error {
-	const query = "?cacheHostOrigin=origin.bench"
-	mcc, err := b.startHierarchy("mcc", func(name, parent string) (*server, error) {
-		cfg := strings.ReplaceAll(caddyMCCLevelConfig, "{{name}}", strings.TrimPrefix(name, "chain-mcc-"))
-		return startCaddy(name, b.caddyBin, cfg, b.base, parent, query)
-	})
+	const query = chainQuery
+	mcc, slice, err := b.startChains("chain", b.origin.addr)
 	if err != nil {
 		return err
 	}
 	defer mcc.stop()
-	slice, err := b.startHierarchy("slice", func(name, parent string) (*server, error) {
-		return startNginx(name, b.nginxBin, nginxSliceConfig, b.base, parent)
-	})
-	if err != nil {
-		return err
-	}
 	defer slice.stop()
 
 	b.origin.latency.Store(int64(chainLatency))

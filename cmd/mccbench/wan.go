@@ -41,8 +41,28 @@ func (b *bench) scenarioWAN() error {
 		{name: "nginx-slice", url: slice.url},
 		{name: "direct", url: "http://" + wan.addr},
 	}
+	mccChain, sliceChain, err := b.startChains("wanchain", wan.addr)
+	if err != nil {
+		return err
+	}
+	defer mccChain.stop()
+	defer sliceChain.stop()
+	chains := []*server{
+		{name: "caddy-mcc", url: mccChain.levels[0].url, query: query},
+		{name: "nginx-slice", url: sliceChain.levels[0].url},
+		{name: "direct", url: "http://" + wan.addr},
+	}
 	link := float64(wanRate) / 1e6 // MB/s
 	for r := 0; r < b.sz.wanRounds; r++ {
+		// Three levels between the device and the link: one pipelined
+		// stream through all of them runs at the link's rate.
+		for _, s := range alternate(chains, r) {
+			mbps, err := coldDownload(s, fmt.Sprintf("wanchain-%s-%d-%d", s.name, r, b.sz.wanChain))
+			if err != nil {
+				return fmt.Errorf("wan chain: %w", err)
+			}
+			b.record("wan chain, × link", s.name, mbps/link)
+		}
 		for _, s := range alternate(targets, r) {
 			mbps, err := coldDownload(s, fmt.Sprintf("wan-%s-%d-%d", s.name, r, b.sz.wanOne))
 			if err != nil {
