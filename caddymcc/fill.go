@@ -181,6 +181,30 @@ func (f *fill) await(ctx context.Context, cur int64, idle func()) (int64, error)
 	}
 }
 
+// gather waits, up to d, until bytes up to want are on disk or the fill
+// ended, and returns the offset up to which bytes are on disk then.
+func (f *fill) gather(want int64, d time.Duration) int64 {
+	var timeout <-chan time.Time
+	for {
+		f.mu.Lock()
+		pos, done, wake := f.pos, f.done, f.wake
+		f.mu.Unlock()
+		if pos >= want || done {
+			return pos
+		}
+		if timeout == nil {
+			t := time.NewTimer(d)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-wake:
+		case <-timeout:
+			return f.progress()
+		}
+	}
+}
+
 // cacheStatus returns the Cache-Status of an answer from this fill: the
 // upstream's entries (RFC 9211 lists caches from the origin's side), then
 // ours.

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -526,12 +525,12 @@ func (rq *request) stream(obj *rangestore.Object, file *os.File, rg httpRange, d
 				return err
 			}
 			// Keeping pace with a fill would mean one small send per
-			// upstream read (32 KiB in reverse_proxy): give the fill a
-			// few chances to run first. This never waits for the
-			// upstream, so a paused upstream cannot hold bytes back.
-			for i := 0; i < coalesceYields && avail-pos < coalesceBytes && avail < segEnd; i++ {
-				runtime.Gosched()
-				avail = f.progress()
+			// upstream read (32 KiB in reverse_proxy), copied through
+			// user space: let up to coalesceBytes gather first, for at
+			// most coalesceWait, so that a paused upstream holds bytes
+			// back no longer than that.
+			if avail-pos < coalesceBytes && avail < segEnd {
+				avail = f.gather(min(pos+coalesceBytes, segEnd), coalesceWait)
 			}
 			n := min(avail, segEnd) - pos
 			if err := out.send(file, pos, n); err != nil {
@@ -544,11 +543,11 @@ func (rq *request) stream(obj *rangestore.Object, file *os.File, rg httpRange, d
 	return nil
 }
 
-// A client right behind a fill yields up to coalesceYields times while less
-// than coalesceBytes are new.
+// A client right behind a fill waits up to coalesceWait for coalesceBytes
+// to send at once.
 const (
-	coalesceBytes  = 256 << 10
-	coalesceYields = 4
+	coalesceBytes = 256 << 10
+	coalesceWait  = time.Millisecond
 )
 
 // fetch makes every block of rg present, waiting for the fills.

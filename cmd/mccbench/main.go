@@ -94,6 +94,7 @@ func run(args []string, out io.Writer) error {
 	caddyBin := fs.String("caddy", "", "caddy binary with caddy-mcc (default: go build ./cmd/caddy)")
 	nginxBin := fs.String("nginx", "/usr/sbin/nginx", "nginx binary (Debian's, with the slice module)")
 	quickMode := fs.Bool("quick", false, "run every scenario small, in under a minute")
+	pin := fs.Bool("pin", false, "run the servers on half the CPUs and the origin, links and clients on the other half (with taskset), as if the gateway were a machine of its own")
 	rounds := fs.Int("rounds", 0, "rounds per scenario (default 3, quick 2)")
 	keep := fs.Bool("keep", false, "keep the temporary directory")
 	hitMiB := fs.Int64("hit-mib", 0, "object size for the hit scenarios 1-3, MiB (default 256, quick 16)")
@@ -101,6 +102,9 @@ func run(args []string, out io.Writer) error {
 	only := fs.String("scenarios", strings.Join(scenarios, ","), "comma-separated scenarios to run")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *pin && !pinned() {
+		return runPinned(args, out)
 	}
 	b := &bench{sz: full, out: out, results: map[string]map[string][]float64{}}
 	if *quickMode {
@@ -422,7 +426,11 @@ var rows = []struct{ key, target string }{
 
 func (b *bench) report() {
 	w := b.out
-	fmt.Fprintf(w, "## mccbench results (%s, %d rounds, medians)\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"), b.sz.rounds)
+	pinned := ""
+	if serverCPUs != "" {
+		pinned = fmt.Sprintf(", servers pinned to CPUs %s, origin, links and clients to CPUs %s", serverCPUs, benchCPUs)
+	}
+	fmt.Fprintf(w, "## mccbench results (%s, %d rounds, medians%s)\n\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"), b.sz.rounds, pinned)
 	fmt.Fprintln(w, "| scenario / metric | caddy-mcc | nginx slice | mcc / slice | nginx static | mcc / static | Caddy file_server | direct | target |")
 	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---|")
 	cell := func(row, srv string) (float64, string) {

@@ -36,7 +36,7 @@ func (s *server) start(dir string, name string, args ...string) error {
 	if err != nil {
 		return err
 	}
-	s.cmd = exec.Command(name, args...)
+	s.cmd = command(name, args...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	s.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
