@@ -158,14 +158,17 @@ func (o *testOrigin) log() []originRequest {
 	return append([]originRequest(nil), o.requests...)
 }
 
-// ranges returns the Range headers of the requests the origin got, in
-// order, separated by spaces.
-func (o *testOrigin) ranges() string {
-	var rs []string
+// expectRanges checks that the origin got requests for these Range
+// headers, in this order, and no others.
+func (o *testOrigin) expectRanges(want ...string) {
+	o.t.Helper()
+	var got []string
 	for _, r := range o.log() {
-		rs = append(rs, r.rangeHeader)
+		got = append(got, r.rangeHeader)
 	}
-	return strings.Join(rs, " ")
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		o.t.Errorf("the origin was asked for %q, want %q", got, want)
+	}
 }
 
 type countingWriter struct {
