@@ -459,4 +459,31 @@ func TestChildReachesParentOverTLSInternal(t *testing.T) {
 	if err != nil || resp3.StatusCode != 206 || sum(got3) != sum(want[1000:200001]) {
 		t.Fatalf("range over HTTP/2: status %d err %v equal %v", resp3.StatusCode, err, sum(got3) == sum(want[1000:200001]))
 	}
+
+	// A device over HTTPS and HTTP/1.1 on a new object: the read-ahead
+	// sees through TLS to the client's acknowledgements and fetches the
+	// rest in one window once it has read 512KiB.
+	big := o.add("/tls-big.swu", 10<<20, 96)
+	h1Conf := tlsConf.Clone()
+	h1Conf.NextProtos = []string{"http/1.1"}
+	h1 := &http.Client{Transport: &http.Transport{TLSClientConfig: h1Conf, TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{}}}
+	resp4, err := h1.Get("https://127.0.0.1:" + vals["{{top}}"] + "/tls-big.swu?cacheHostOrigin=origin.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got4, err := io.ReadAll(resp4.Body)
+	resp4.Body.Close()
+	if err != nil || resp4.ProtoMajor != 1 || sum(got4) != sum(big) {
+		t.Fatalf("cold over HTTPS/1.1: %s, err %v, equal %v", resp4.Proto, err, sum(got4) == sum(big))
+	}
+	waitAllFills()
+	var fills []string
+	for _, r := range o.log() {
+		if r.path == "/tls-big.swu" {
+			fills = append(fills, r.rangeHeader)
+		}
+	}
+	if strings.Join(fills, " ") != "bytes=0-2097151 bytes=2097152-10485759" {
+		t.Errorf("fills over HTTPS/1.1: %q, want the first 2MiB, then the rest at once", fills)
+	}
 }
