@@ -49,7 +49,14 @@ func startChain(t *testing.T, o *testOrigin, loop bool) *chain {
 
 func chainGet(t *testing.T, base, path string, hdr ...string) (*http.Response, []byte) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodGet, base+path+"?cacheHostOrigin=origin.test", nil)
+	return getURL(t, base+path+"?cacheHostOrigin=origin.test", hdr...)
+}
+
+// getURL sends GET url with the header pairs hdr on a connection of its
+// own and returns the response and its whole body.
+func getURL(t *testing.T, url string, hdr ...string) (*http.Response, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
 	for i := 0; i+1 < len(hdr); i += 2 {
 		req.Header.Add(hdr[i], hdr[i+1])
 	}
@@ -61,7 +68,7 @@ func chainGet(t *testing.T, base, path string, hdr ...string) (*http.Response, [
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
-		t.Fatalf("GET %s%s: %v", base, path, err)
+		t.Fatalf("GET %s: %v", url, err)
 	}
 	return resp, b
 }

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -156,22 +155,6 @@ func (p *mccProcess) waitStored(t *testing.T, key string, n int64) {
 	}
 }
 
-func mccGet(t *testing.T, url string) (*http.Response, []byte) {
-	t.Helper()
-	req, _ := http.NewRequest(http.MethodGet, url, nil)
-	req.Close = true
-	resp, err := testClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	return resp, b
-}
-
 // TestMCCRunThreeLevelChainFromEnvOnly runs three `caddy mcc run`
 // processes configured as an MCC deployment would be: the top with
 // STORAGE_1_SIZE_GB and a custom origin on a port of its own, the lower
@@ -200,7 +183,7 @@ func TestMCCRunThreeLevelChainFromEnvOnly(t *testing.T) {
 	bottom := level("bottom", strings.TrimPrefix(middle.url, "http://"))
 
 	path := "/repo/fw.swu?cacheHostOrigin=" + origin
-	resp, got := mccGet(t, bottom.url+path)
+	resp, got := getURL(t, bottom.url+path)
 	if resp.StatusCode != 200 || sum(got) != sum(want) {
 		t.Fatalf("cold download at the bottom: status %d (%.200s), sha256 %s, want %s", resp.StatusCode, got, sum(got), sum(want))
 	}
@@ -214,7 +197,7 @@ func TestMCCRunThreeLevelChainFromEnvOnly(t *testing.T) {
 		p    *mccProcess
 	}{{"bottom", bottom}, {"middle", middle}, {"top", top}} {
 		l.p.waitStored(t, key, int64(len(want)))
-		resp, got := mccGet(t, l.p.url+path)
+		resp, got := getURL(t, l.p.url+path)
 		if resp.StatusCode != 200 || sum(got) != sum(want) || resp.Header.Get("Cache-Status") != l.name+"; hit" {
 			t.Errorf("second download at %s: status %d, sha256 equal %v, Cache-Status %q", l.name, resp.StatusCode, sum(got) == sum(want), resp.Header.Get("Cache-Status"))
 		}
@@ -224,16 +207,16 @@ func TestMCCRunThreeLevelChainFromEnvOnly(t *testing.T) {
 	}
 
 	// The summary, on its own listener, for the gateway itself (loopback).
-	resp, body := mccGet(t, bottom.sumURL+"/summary")
+	resp, body := getURL(t, bottom.sumURL+"/summary")
 	var s summary
 	if err := json.Unmarshal(body, &s); resp.StatusCode != 200 || err != nil || s.Objects != 1 {
 		t.Errorf("bottom summary: status %d, err %v, objects %d (%.300s)", resp.StatusCode, err, s.Objects, body)
 	}
-	if resp, _ := mccGet(t, bottom.sumURL+"/"); resp.StatusCode != 404 {
+	if resp, _ := getURL(t, bottom.sumURL+"/"); resp.StatusCode != 404 {
 		t.Errorf("summary listener at /: status %d, want 404", resp.StatusCode)
 	}
 	// An origin not configured is refused at once.
-	if resp, _ := mccGet(t, bottom.url+"/x?cacheHostOrigin=www.example.com"); resp.StatusCode != 403 {
+	if resp, _ := getURL(t, bottom.url+"/x?cacheHostOrigin=www.example.com"); resp.StatusCode != 403 {
 		t.Errorf("an unconfigured origin: status %d, want 403", resp.StatusCode)
 	}
 }
