@@ -17,17 +17,7 @@ const chainLatency = 20 * time.Millisecond
 // caddyMCCLevelConfig is one level of a caddy-mcc hierarchy: the same cache
 // as caddyMCCConfig under its own name, forwarding misses unchanged to its
 // parent (for the top, the origin).
-const caddyMCCLevelConfig = caddyGlobals + `http://:{{port}} {
-	bind 127.0.0.1
-	mcc {
-		dir {{dir}}/mcc
-		origins origin.bench
-		min_free 0
-		name {{name}}
-	}
-	reverse_proxy {{origin}}
-}
-`
+var caddyMCCLevelConfig = strings.Replace(caddyMCCConfig, "\t\tmin_free 0\n", "\t\tmin_free 0\n\t\tname {{name}}\n", 1)
 
 // hierarchy is three cache levels of one kind, each a process of its own,
 // bottom → middle → top → origin. The bottom is what devices ask; each
@@ -80,7 +70,7 @@ func (b *bench) startChains(kind, origin string) (mcc, slice *hierarchy, err err
 	mcc, err = b.startHierarchy(kind+"-mcc", origin, func(name, parent string) (*server, error) {
 		level := name[strings.LastIndex(name, "-")+1:]
 		cfg := strings.ReplaceAll(caddyMCCLevelConfig, "{{name}}", level)
-		return startCaddy(name, b.caddyBin, cfg, b.base, parent, chainQuery)
+		return startCaddy(name, b.caddyBin, cfg, b.base, parent, mccQuery)
 	})
 	if err != nil {
 		return nil, nil, err
@@ -95,13 +85,10 @@ func (b *bench) startChains(kind, origin string) (mcc, slice *hierarchy, err err
 	return mcc, slice, nil
 }
 
-const chainQuery = "?cacheHostOrigin=origin.bench"
-
 // scenarioChain: one device downloads a new object through three caddy-mcc
 // levels, through three nginx slice levels, and straight from the origin,
 // with the origin 20 ms away and 2 ms per hop between levels.
 func (b *bench) scenarioChain() error {
-	const query = chainQuery
 	mcc, slice, err := b.startChains("chain", b.origin.addr)
 	if err != nil {
 		return err
@@ -112,7 +99,7 @@ func (b *bench) scenarioChain() error {
 	b.origin.latency.Store(int64(chainLatency))
 	defer b.origin.latency.Store(0)
 	targets := []*server{
-		{name: "caddy-mcc", url: mcc.levels[0].url, query: query},
+		{name: "caddy-mcc", url: mcc.levels[0].url, query: mccQuery},
 		{name: "nginx-slice", url: slice.levels[0].url},
 		{name: "direct", url: "http://" + b.origin.addr},
 	}

@@ -152,7 +152,7 @@ func run(args []string, out io.Writer) error {
 	if err := writeStatic(base, hitName, b.sz.hitObject); err != nil {
 		return err
 	}
-	if b.mcc, err = startCaddy("caddy-mcc", *caddyBin, caddyMCCConfig, base, b.origin.addr, "?cacheHostOrigin=origin.bench"); err != nil {
+	if b.mcc, err = startCaddy("caddy-mcc", *caddyBin, caddyMCCConfig, base, b.origin.addr, mccQuery); err != nil {
 		return err
 	}
 	defer b.mcc.stop()

@@ -80,6 +80,9 @@ const caddyGlobals = `{
 }
 `
 
+// mccQuery names the origin on every request to caddy-mcc.
+const mccQuery = "?cacheHostOrigin=origin.bench"
+
 const caddyMCCConfig = caddyGlobals + `http://:{{port}} {
 	bind 127.0.0.1
 	mcc {

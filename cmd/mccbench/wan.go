@@ -20,13 +20,12 @@ const (
 // straight over the link. The figure is the aggregate throughput achieved
 // as a share of the link's rate.
 func (b *bench) scenarioWAN() error {
-	const query = "?cacheHostOrigin=origin.bench"
 	wan, err := startLink(b.origin.addr, wanDelay, wanRate)
 	if err != nil {
 		return err
 	}
 	defer wan.close()
-	mcc, err := startCaddy("wan-caddy-mcc", b.caddyBin, caddyMCCConfig, b.base, wan.addr, query)
+	mcc, err := startCaddy("wan-caddy-mcc", b.caddyBin, caddyMCCConfig, b.base, wan.addr, mccQuery)
 	if err != nil {
 		return err
 	}
@@ -37,7 +36,7 @@ func (b *bench) scenarioWAN() error {
 	}
 	defer slice.stop()
 	targets := []*server{
-		{name: "caddy-mcc", url: mcc.url, query: query},
+		{name: "caddy-mcc", url: mcc.url, query: mccQuery},
 		{name: "nginx-slice", url: slice.url},
 		{name: "direct", url: "http://" + wan.addr},
 	}
@@ -48,7 +47,7 @@ func (b *bench) scenarioWAN() error {
 	defer mccChain.stop()
 	defer sliceChain.stop()
 	chains := []*server{
-		{name: "caddy-mcc", url: mccChain.levels[0].url, query: query},
+		{name: "caddy-mcc", url: mccChain.levels[0].url, query: mccQuery},
 		{name: "nginx-slice", url: sliceChain.levels[0].url},
 		{name: "direct", url: "http://" + wan.addr},
 	}
