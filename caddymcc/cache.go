@@ -104,7 +104,7 @@ func loadCache(dir string, opts rangestore.Options, logger *zap.Logger) (*cache,
 			}
 			rec := c.store.Recovery()
 			logger.Info("store open", zap.String("dir", dir), zap.Bool("clean_shutdown", rec.Clean),
-				zap.Int("objects", rec.Objects), zap.Int("journal_records", rec.Records),
+				zap.Int("objects", rec.Objects), zap.Int("journal_records", rec.Records), zap.Bool("torn_tail", rec.TornTail),
 				zap.Int("blocks_checked", rec.BlocksChecked), zap.Int("torn_blocks_dropped", rec.BlocksDropped),
 				zap.Int("objects_without_data_dropped", rec.ObjectsDropped), zap.Duration("took", rec.Duration))
 		}()

@@ -105,6 +105,13 @@ func TestTransientObjectIsNeverKept(t *testing.T) {
 	writeBlock(t, o, 0, 0)
 	writeBlock(t, o, 1, 1000)
 	o.Close()
+	// It is in no index: using it makes no snapshot due.
+	s.mu.Lock()
+	dirty := s.accessDirty
+	s.mu.Unlock()
+	if dirty {
+		t.Error("using a transient object made a snapshot of the index due")
+	}
 	// Its holder reads every byte, while it stays out of every listing.
 	checkObject(t, reader)
 	if st := s.Stats(); st.Objects != 0 || st.BytesPresent != 2*MinBlockSize {

@@ -120,6 +120,7 @@ func (s *Store) snapshot(final bool) error {
 	if s.closed {
 		s.mu.Unlock()
 		next.Close()
+		os.Remove(s.journalPath(seq))
 		return ErrClosed
 	}
 	sync := s.unsynced
@@ -139,9 +140,6 @@ func (s *Store) snapshot(final bool) error {
 	prev, prevSeq := s.journal, s.seq
 	s.journal, s.seq, s.changes = next, seq, 0
 	s.jsize, s.jtorn, s.jalloc = 0, false, 2*deleteReserve
-	if s.noPrealloc {
-		s.jalloc = 0
-	}
 	if final {
 		s.closed = true
 	}
@@ -459,14 +457,16 @@ func (s *Store) recover() error {
 			s.jtorn = true
 		}
 	}
-	// On a full disk the reserve comes with the first eviction.
-	s.reserveJournal(j, whole)
 	if replayed || s.jtorn {
-		// Fold the journal into a snapshot and start an empty one. On a
-		// full disk the journal will do.
+		// Fold the journal into a snapshot and start an empty one (with
+		// its own reserve). On a full disk the journal will do.
 		if err := s.snapshot(false); err != nil && (s.jtorn || !isNoSpace(err)) {
 			return err
 		}
+	}
+	if s.journal == j {
+		// On a full disk the reserve comes with the first eviction.
+		s.reserveJournal(j, whole)
 	}
 	return nil
 }

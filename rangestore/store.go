@@ -154,10 +154,10 @@ type Store struct {
 	reserved   int64
 	evictions  int64
 	journal    *os.File
-	jsize      int64 // bytes of whole records in journal
-	jtorn      bool  // journal ends in a torn record that could not be cut off
-	jalloc     int64 // bytes of journal allocated (see reserveJournal)
-	noPrealloc bool  // the file system cannot preallocate
+	jsize      int64       // bytes of whole records in journal
+	jtorn      bool        // journal ends in a torn record that could not be cut off
+	jalloc     int64       // bytes of journal allocated (see reserveJournal)
+	noPrealloc atomic.Bool // the file system cannot preallocate (set by snapshots outside s.mu too)
 	seq        uint64
 	changes    int // journal records since the last snapshot
 	// Blocks are synced to disk one snapshot late, so a snapshot rarely
@@ -494,15 +494,18 @@ func (s *Store) ref(e *entry) *Object {
 // write, yet fine enough to tell apart objects used minutes apart.
 const accessGrain = int64(time.Minute)
 
-// touch marks e used now. s.mu must be held.
+// touch marks e used now. s.mu must be held. Only indexed objects (with an
+// LRU element) make a snapshot due: transient and removed ones are in no
+// index.
 func (s *Store) touch(e *entry) {
 	e.lastAccess = s.now()
+	if e.elem == nil {
+		return
+	}
 	if e.lastAccess-e.savedAccess >= accessGrain {
 		s.accessDirty = true
 	}
-	if e.elem != nil {
-		s.lru.MoveToFront(e.elem)
-	}
+	s.lru.MoveToFront(e.elem)
 }
 
 // release drops a reference; the last one closes the shared descriptor and
@@ -607,14 +610,14 @@ func (s *Store) writeRecord(rec []byte) error {
 // it rarely has to (fallocate(2), keeping the size). f is s.journal, with
 // s.mu held, or a new journal not yet in use.
 func (s *Store) reserveJournal(f *os.File, size int64) error {
-	if s.noPrealloc || f == s.journal && s.jalloc >= size+deleteReserve {
+	if s.noPrealloc.Load() || f == s.journal && s.jalloc >= size+deleteReserve {
 		return nil
 	}
 	n := 2 * deleteReserve
 	err := syscall.Fallocate(int(f.Fd()), fallocKeepSize, size, int64(n))
 	switch {
 	case errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS):
-		s.noPrealloc = true // deletes take their chance, as they must
+		s.noPrealloc.Store(true) // deletes take their chance, as they must
 		return nil
 	case err != nil:
 		return fmt.Errorf("rangestore: journal: %w", noSpace(err))
