@@ -421,3 +421,22 @@ func TestDefaultOriginsAllowDeviceUpdateHosts(t *testing.T) {
 		}
 	}
 }
+
+// TestRefusedReloadLeavesTheRunningStoreAlone: Caddy validates a config
+// after provisioning it, and the store is shared with the running config:
+// a reload with a negative max_fills is refused before it reaches the
+// store's fill queue, and fills go on.
+func TestRefusedReloadLeavesTheRunningStoreAlone(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/after.swu", 300*kib, 97)
+	g := startGateway(t, o, "")
+	// Only JSON can say it: the Caddyfile refuses it while parsing.
+	bad := bytes.Replace(g.config(o, gatewayPort(g), "max_fills 7"), []byte(`"max_fills":7`), []byte(`"max_fills":-1`), 1)
+	if err := caddy.Load(bad, true); err == nil || !strings.Contains(err.Error(), "max_fills") {
+		t.Fatalf("reload with max_fills -1: %v, want it refused naming max_fills", err)
+	}
+	if n := cacheOf(t, g).queue.limit; n != defaultMaxFills {
+		t.Fatalf("the running store's fill limit is %d after the refused reload, want %d", n, defaultMaxFills)
+	}
+	download(t, g, "/after.swu", "origin.test", want, csMiss)
+}

@@ -2,12 +2,15 @@ package caddymcc
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // Tests in this file pin several cache drives (drives.go).
@@ -150,5 +153,39 @@ func TestTwoDrivesShareObjectsAndALostDriveFailsNoRequest(t *testing.T) {
 	}
 	if hits != n {
 		t.Errorf("%d of %d objects were hits after the drive came back", hits, n)
+	}
+}
+
+// TestEveryDriveKeepsItsCounters: each drive's totals are saved when the
+// cache stops, not only the first drive's.
+func TestEveryDriveKeepsItsCounters(t *testing.T) {
+	o := newOrigin(t)
+	g := startDrivesGateway(t, o)
+	// Looked up without findCache, which would start its ledger.
+	var d2 *cache
+	caches.Range(func(k, v any) bool {
+		if k == filepath.Join(g.dir, "d2") {
+			d2 = v.(*cache)
+		}
+		return true
+	})
+	<-d2.ready
+	for i := 0; d2.store.Stats().Objects == 0; i++ {
+		want := o.add(fmt.Sprintf("/c-%d.swu", i), 100*kib, uint64(500+i))
+		download(t, g, fmt.Sprintf("/c-%d.swu", i), "origin.test", want, csMiss)
+		waitAllFills()
+	}
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"d1", "d2"} {
+		b, err := os.ReadFile(filepath.Join(g.dir, d, counterFile))
+		var saved totals
+		if err == nil {
+			err = json.Unmarshal(b, &saved)
+		}
+		if err != nil || saved.MissBytes == 0 {
+			t.Errorf("drive %s: saved counters %+v, %v; want its miss bytes", d, saved, err)
+		}
 	}
 }

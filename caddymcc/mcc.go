@@ -177,6 +177,9 @@ const (
 // Provision sets defaults and opens (or shares) the store.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if err := h.checkNegative(); err != nil {
+		return err
+	}
 	// The read-ahead watches each client's acknowledgements.
 	registerConn(ctx)
 	if h.BlockSize == 0 {
@@ -252,6 +255,23 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // Validate checks the configuration.
 func (h *Handler) Validate() error {
+	if err := h.checkNegative(); err != nil {
+		return err
+	}
+	if h.MaxObjectSize > maxObjectSizeLimit {
+		return fmt.Errorf("mcc: max_object_size must be at most %d (1PiB)", int64(maxObjectSizeLimit))
+	}
+	if !validToken(h.Name) {
+		return fmt.Errorf("mcc: name %q is not an HTTP token", h.Name)
+	}
+	return nil
+}
+
+// checkNegative refuses negative sizes, counts and durations. Provision
+// calls it before it touches a store, which a running config may share:
+// Caddy validates only after provisioning, when a refused max_fills would
+// already have reached the running store's fill queue.
+func (h *Handler) checkNegative() error {
 	for _, f := range []struct {
 		name     string
 		negative bool
@@ -270,11 +290,10 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("mcc: %s must not be negative", f.name)
 		}
 	}
-	if h.MaxObjectSize > maxObjectSizeLimit {
-		return fmt.Errorf("mcc: max_object_size must be at most %d (1PiB)", int64(maxObjectSizeLimit))
-	}
-	if !validToken(h.Name) {
-		return fmt.Errorf("mcc: name %q is not an HTTP token", h.Name)
+	for _, d := range h.Drives {
+		if d.MaxSize < 0 {
+			return fmt.Errorf("mcc: drive %s: max_size must not be negative", d.Dir)
+		}
 	}
 	return nil
 }

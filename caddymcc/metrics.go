@@ -9,9 +9,11 @@ import (
 
 // provisionMetrics registers the cache metrics in the config's registry
 // (each config has its own, served at the admin API's /metrics) and starts
-// the cache's ledger, whose history and lifetime totals the summary shows.
+// every drive's ledger, whose history and lifetime totals the summary shows.
 func (h *Handler) provisionMetrics(ctx caddy.Context) error {
-	h.cache.ledger()
+	for _, c := range h.caches {
+		c.ledger()
+	}
 	err := ctx.GetMetricsRegistry().Register(cacheMetrics{})
 	// Every mcc handler of a config registers the same collector, which
 	// reports every cache in use.
