@@ -60,7 +60,7 @@ func classifyFillError(err error) fillError {
 		return fillChanged
 	case errors.Is(err, errShortBody), errors.Is(err, errLongBody), errors.Is(err, errWrongRange), errors.Is(err, errNoLength), errors.Is(err, errTooLarge):
 		return fillInvalid
-	case errors.Is(err, rangestore.ErrNoSpace), errors.Is(err, rangestore.ErrGone), errors.Is(err, rangestore.ErrClosed):
+	case storeRefused(err), errors.Is(err, rangestore.ErrClosed):
 		return fillStore
 	}
 	return fillUpstream

@@ -113,6 +113,10 @@ func TestTwoDrivesShareObjectsAndALostDriveFailsNoRequest(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	// The origin never failed: what the drive's fills met is the store's.
+	if n := d2.stats.fillErrors[fillUpstream].Load(); n != 0 {
+		t.Errorf("fills on the lost drive counted %d upstream errors (%d store errors); the origin never failed", n, d2.stats.fillErrors[fillStore].Load())
+	}
 	d2.checkHealth()
 	if !d2.down.Load() {
 		t.Fatal("the drive without its directory is still in service")

@@ -115,7 +115,8 @@ func (rq *request) serve() error {
 		case errors.As(err, &un):
 			// The object is shorter than the range the fill asked for:
 			// answer this client's own range against its length.
-			if _, _, rerr := requestedRanges(rq.r, "", time.Time{}, un.length); rerr == nil && attempt < 2 {
+			// (Its own Range, If-Range aside: no validator is known yet.)
+			if _, rerr := parseRange(rq.r.Header.Get("Range"), un.length); rerr == nil && attempt < 2 {
 				continue
 			}
 			return rq.unsatisfiable(un.length)

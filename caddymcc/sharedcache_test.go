@@ -468,3 +468,20 @@ func TestStoreErrorPassThroughCarriesOnlyTheUpstreamsHeaders(t *testing.T) {
 		t.Errorf("Cache-Status %q", cs)
 	}
 }
+
+// TestPastEndResumeWithIfRangeAsksUpstreamOnce: a resume (Range with
+// If-Range) past the end of an object not stored yet gets its 416 from the
+// one learning request's length, not after asking again and again.
+func TestPastEndResumeWithIfRangeAsksUpstreamOnce(t *testing.T) {
+	o := newOrigin(t)
+	o.add("/short.swu", 100*kib, 98)
+	g := startGateway(t, o, "")
+	resp := g.get("/short.swu", "origin.test", "Range", "bytes=200000-", "If-Range", `"an-etag"`)
+	readAll(t, resp)
+	if resp.StatusCode != http.StatusRequestedRangeNotSatisfiable || resp.Header.Get("Content-Range") != "bytes */102400" {
+		t.Errorf("status %d, Content-Range %q; want 416 bytes */102400", resp.StatusCode, resp.Header.Get("Content-Range"))
+	}
+	if n := len(o.log()); n != 1 {
+		t.Errorf("the origin was asked %d times, want once", n)
+	}
+}
