@@ -165,16 +165,20 @@ func TestTwoDrivesShareObjectsAndALostDriveFailsNoRequest(t *testing.T) {
 func TestEveryDriveKeepsItsCounters(t *testing.T) {
 	o := newOrigin(t)
 	g := startDrivesGateway(t, o)
-	// Looked up without findCache, which would start its ledger.
-	var d2 *cache
+	// Looked up without findCache, which would start their ledgers.
+	var d1, d2 *cache
 	caches.Range(func(k, v any) bool {
-		if k == filepath.Join(g.dir, "d2") {
+		switch k {
+		case filepath.Join(g.dir, "d1"):
+			d1 = v.(*cache)
+		case filepath.Join(g.dir, "d2"):
 			d2 = v.(*cache)
 		}
 		return true
 	})
+	<-d1.ready
 	<-d2.ready
-	for i := 0; d2.store.Stats().Objects == 0; i++ {
+	for i := 0; d1.store.Stats().Objects == 0 || d2.store.Stats().Objects == 0; i++ {
 		want := o.add(fmt.Sprintf("/c-%d.swu", i), 100*kib, uint64(500+i))
 		download(t, g, fmt.Sprintf("/c-%d.swu", i), "origin.test", want, csMiss)
 		waitAllFills()
