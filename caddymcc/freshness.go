@@ -4,6 +4,7 @@ import (
 	"math"
 	"net/http"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -88,7 +89,11 @@ func (h *Handler) freshnessLifetime(m rangestore.Meta, uri string) (ttl time.Dur
 			sMaxAge = directiveSeconds(val)
 		}
 	}
-	age := time.Duration(deltaSecondsOr0(metaValue(m, metaAge))) * time.Second
+	// Age is a delta-seconds (RFC 9111 section 5.1): an invalid or absent
+	// one counts as 0.
+	ageValue, _ := metaValue(m, metaAge)
+	ageSeconds, _ := parseDeltaSeconds(ageValue)
+	age := time.Duration(ageSeconds) * time.Second
 	switch {
 	case sMaxAge >= 0:
 		return time.Duration(sMaxAge)*time.Second - age, true
@@ -152,20 +157,7 @@ func directiveSeconds(val string) int64 {
 	if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
 		v = v[1 : len(v)-1] // the quoted-string form (RFC 9111 section 5.2)
 	}
-	n, ok := parseDeltaSeconds(v)
-	if !ok {
-		return 0
-	}
-	return n
-}
-
-// deltaSecondsOr0 is an Age value: an invalid or absent one counts as 0
-// (RFC 9111 section 5.1 makes Age a delta-seconds).
-func deltaSecondsOr0(s string, present bool) int64 {
-	n, ok := parseDeltaSeconds(s)
-	if !present || !ok {
-		return 0
-	}
+	n, _ := parseDeltaSeconds(v) // 0 when invalid
 	return n
 }
 
@@ -204,10 +196,16 @@ func aptImmutable(p string) bool {
 // uncacheable reports whether a response may not be kept for later
 // requests: Cache-Control no-store, or private (this is a shared cache).
 func uncacheable(m rangestore.Meta) bool {
+	return hasDirective(m, "no-store", "private")
+}
+
+// hasDirective reports whether the stored response's Cache-Control has
+// one of the directives names (lower case).
+func hasDirective(m rangestore.Meta, names ...string) bool {
 	for _, v := range m.Header["Cache-Control"] {
 		for _, d := range strings.Split(strings.ToLower(v), ",") {
 			name, _, _ := strings.Cut(strings.TrimSpace(d), "=")
-			if name == "no-store" || name == "private" {
+			if slices.Contains(names, name) {
 				return true
 			}
 		}

@@ -439,6 +439,7 @@ func checkHostOrIP(h string) error {
 	return nil
 }
 
+// checkPort accepts a port number as written in canonical form, 1-65535.
 func checkPort(p string) error {
 	n, err := strconv.Atoi(p)
 	if err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != p {

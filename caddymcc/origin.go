@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 )
 
@@ -59,8 +58,7 @@ func parseOriginHost(s string) (string, error) {
 	if !hasPort {
 		return host, nil
 	}
-	n, err := strconv.Atoi(port)
-	if err != nil || n < 1 || n > 65535 || n == 80 || strconv.Itoa(n) != port {
+	if checkPort(port) != nil || port == "80" {
 		return "", errors.New("not a host name (a port must be 1-65535 and not 80)")
 	}
 	return h, nil

@@ -116,15 +116,7 @@ func hasCredentials(r *http.Request) bool {
 // sharedWithCredentials reports whether a stored response may answer a
 // request that carries credentials (RFC 9111 section 3.5).
 func sharedWithCredentials(m rangestore.Meta) bool {
-	for _, v := range m.Header["Cache-Control"] {
-		for _, d := range strings.Split(strings.ToLower(v), ",") {
-			name, _, _ := strings.Cut(strings.TrimSpace(d), "=")
-			if name == "public" || name == "s-maxage" || name == "must-revalidate" {
-				return true
-			}
-		}
-	}
-	return false
+	return hasDirective(m, "public", "s-maxage", "must-revalidate")
 }
 
 // varies reports whether a response depends on request headers the cache
