@@ -14,6 +14,9 @@ const (
 	wanDevices = 10
 )
 
+// wanDevicesRow is the table row of the ten devices.
+var wanDevicesRow = fmt.Sprintf("wan %d devices, × link", wanDevices)
+
 // scenarioWAN: the origin is behind a slow, distant link. One device
 // downloads a new object, then ten devices each download a different new
 // object at once, through caddy-mcc, through nginx's slice cache, and
@@ -78,7 +81,7 @@ func (b *bench) scenarioWAN() error {
 			if err != nil {
 				return fmt.Errorf("wan: %w", err)
 			}
-			b.record(fmt.Sprintf("wan %d devices, × link", wanDevices), s.name, mbps/link)
+			b.record(wanDevicesRow, s.name, mbps/link)
 		}
 	}
 	return nil
