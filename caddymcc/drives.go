@@ -76,7 +76,6 @@ func (h *Handler) provisionDrives(minFree int64) error {
 			weight = noCapWeight
 		}
 		h.caches = append(h.caches, c)
-		h.dirs = append(h.dirs, dir)
 		h.weights = append(h.weights, weight)
 	}
 	h.cache = h.caches[0]
@@ -96,7 +95,7 @@ func (h *Handler) place(key string) *cache {
 		if c.down.Load() {
 			continue
 		}
-		if s := rendezvousScore(key, h.dirs[i], h.weights[i]); s > bestScore {
+		if s := rendezvousScore(key, c.dir, h.weights[i]); s > bestScore {
 			best, bestScore = c, s
 		}
 	}

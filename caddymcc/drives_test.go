@@ -17,8 +17,7 @@ import (
 
 func TestPlacementIsWeightedAndMovesLittle(t *testing.T) {
 	h := &Handler{
-		caches:  []*cache{{}, {}},
-		dirs:    []string{"/cache1", "/cache2"},
+		caches:  []*cache{{dir: "/cache1"}, {dir: "/cache2"}},
 		weights: []float64{3 << 30, 1 << 30},
 	}
 	const n = 8000
@@ -34,7 +33,7 @@ func TestPlacementIsWeightedAndMovesLittle(t *testing.T) {
 		t.Errorf("the 3GiB drive holds %.3f of the objects, want about 0.75", share)
 	}
 	// A third drive takes objects only from the others, about its share.
-	h.caches, h.dirs, h.weights = append(h.caches, &cache{}), append(h.dirs, "/cache3"), append(h.weights, 4<<30)
+	h.caches, h.weights = append(h.caches, &cache{dir: "/cache3"}), append(h.weights, 4<<30)
 	moved := 0
 	for i := range where {
 		now := h.place(fmt.Sprintf("origin.test/obj-%d", i))

@@ -134,7 +134,6 @@ type Handler struct {
 	MaxLevels int `json:"max_levels,omitempty"`
 
 	caches      []*cache  // one per drive; cache is the first
-	dirs        []string  // the drives' absolute directories
 	weights     []float64 // the drives' placement weights
 	origins     []originPattern
 	aliases     map[string]string // alias host -> canonical host
@@ -302,8 +301,8 @@ func (h *Handler) checkNegative() error {
 // config uses it any more.
 func (h *Handler) Cleanup() error {
 	var errs []error
-	for _, dir := range h.dirs {
-		if _, err := caches.Delete(dir); err != nil {
+	for _, c := range h.caches {
+		if _, err := caches.Delete(c.dir); err != nil {
 			errs = append(errs, err)
 		}
 	}
