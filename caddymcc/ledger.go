@@ -50,7 +50,6 @@ type totals struct {
 // period, and saves them once more when the cache is destructed.
 type ledger struct {
 	once   sync.Once
-	period time.Duration
 	logger *zap.Logger
 	// periodMu orders the clock's period ends against holdPeriods; held
 	// stops the clock.
@@ -88,7 +87,6 @@ var ledgers = struct {
 func (c *cache) ledger() *ledger {
 	l := &c.stats.ledger
 	l.once.Do(func() {
-		l.period = summaryPeriod
 		l.logger = caddy.Log().Named("http.handlers.mcc")
 		l.ready = make(chan struct{})
 		l.done = make(chan struct{})
@@ -149,7 +147,7 @@ func (l *ledger) run(c *cache, prev *ledger) {
 	l.record(c.sample(time.Now()))
 	close(l.ready)
 
-	tick := time.NewTicker(l.period)
+	tick := time.NewTicker(summaryPeriod)
 	defer tick.Stop()
 	for {
 		select {

@@ -237,7 +237,7 @@ func writeSummary(w http.ResponseWriter, r *http.Request, dir string) error {
 	if r.Method == http.MethodHead {
 		return nil
 	}
-	return summaryPage.Execute(w, newSummaryView(s, c.history(), c.stats.ledger.period, now))
+	return summaryPage.Execute(w, newSummaryView(s, c.history(), summaryPeriod, now))
 }
 
 // wantsHTML reports whether r asks for the HTML page: `?format=html`, or
