@@ -166,6 +166,10 @@ func (w *fillWriter) pin(meta rangestore.Meta) error {
 		if err != nil {
 			return err
 		}
+		// Nobody arriving from now on can take this answer: they start
+		// fills of their own rather than join this one to be turned away.
+		c.learning.land(f.key, f)
+		c.revalidating.land(f.key, f)
 		w.obj = obj
 		c.claims.own(w.obj, w.start, w.end, f)
 		return nil

@@ -485,3 +485,34 @@ func TestPastEndResumeWithIfRangeAsksUpstreamOnce(t *testing.T) {
 		t.Errorf("the origin was asked %d times, want once", n)
 	}
 }
+
+// TestNextRequestAfterAPrivateAnswerIsAMissOfItsOwn: once a learning fill
+// turns out private, later requests do not collapse onto it (to be passed
+// through) while it finishes: each starts a fill of its own. The origin
+// holds each answer's end (the last chunk) until the test is done, so the
+// first fill is still in flight when the second request comes.
+func TestNextRequestAfterAPrivateAnswerIsAMissOfItsOwn(t *testing.T) {
+	o := newOrigin(t)
+	want := o.add("/mine.bin", 40*kib, 99)
+	g := startGateway(t, o, "")
+	release := newGate(t)
+	o.setHook(func(w http.ResponseWriter, r *http.Request, obj *originObject) bool {
+		hdr := w.Header()
+		hdr.Set("Etag", obj.etag)
+		hdr.Set("Cache-Control", "private")
+		hdr.Set("Content-Range", fmt.Sprintf("bytes 0-%d/%d", len(obj.data)-1, len(obj.data)))
+		w.WriteHeader(http.StatusPartialContent) // chunked: its end is the last chunk
+		w.Write(obj.data)
+		w.(http.Flusher).Flush()
+		<-release.ch
+		return true
+	})
+	for i := range 2 {
+		resp := g.get("/mine.bin", "origin.test")
+		got := readAll(t, resp)
+		if resp.StatusCode != 200 || sum(got) != sum(want) || resp.Header.Get("Cache-Status") != "caddy-mcc; fwd=miss" {
+			t.Errorf("request %d: %d, equal %v, Cache-Status %q; want a miss of its own", i, resp.StatusCode, sum(got) == sum(want), resp.Header.Get("Cache-Status"))
+		}
+	}
+	release.open()
+}
