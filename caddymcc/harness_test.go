@@ -187,14 +187,31 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 func (c *countingWriter) Flush() { http.NewResponseController(c.ResponseWriter).Flush() }
 
 // freePort returns a loopback port that was free a moment ago.
+// It never returns a port it returned before in this process: a test
+// takes several (admin, sites) before anything listens on them, and the
+// kernel may hand out a just-closed port again, which Caddy's listeners
+// (SO_REUSEPORT) would then share, the admin API answering site requests.
 func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if !portsGiven[port] {
+			portsGiven[port] = true
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = make(map[int]bool)
+)
 
 // gateway is Caddy running in this process with the mcc handler in front of
 // reverse_proxy to a test origin.
